@@ -1,0 +1,60 @@
+"""Exact top-k selection by excess loss, shared by the PyTorch backends.
+
+Within each selection group, ``n_keep = ceil(keep_ratio * n_valid)`` (at least 1 when
+``n_valid >= 1``), and the kept set is the ``n_keep`` valid tokens with the largest excess,
+ties going to the lower index.
+"""
+
+from __future__ import annotations
+
+from fractions import Fraction
+
+import torch
+from torch import Tensor
+
+# keep_ratio is read as the nearest fraction p / q with q <= this bound, so that a decimal
+# ratio means what it says: 0.7 is 7/10 exactly, and 0.7 of 10 tokens keeps 7, never 8.
+MAX_DENOMINATOR = 1_000_000
+
+
+def keep_fraction(keep_ratio: float) -> tuple[int, int]:
+    """``keep_ratio`` as an exact fraction ``(p, q)``, ``0 <= p <= q <= MAX_DENOMINATOR``."""
+    f = Fraction(keep_ratio).limit_denominator(MAX_DENOMINATOR)
+    return f.numerator, f.denominator
+
+
+def keep_count(n_valid: Tensor, keep_ratio: float) -> Tensor:
+    """``n_keep = max(1, ceil(p * n_valid / q))`` where ``n_valid >= 1``, else 0, in integers.
+
+    Integer arithmetic on the tensor's device: exact, and no host synchronisation.
+    """
+    p, q = keep_fraction(keep_ratio)
+    n_keep = (n_valid * p + (q - 1)) // q
+    return torch.where(n_valid > 0, n_keep.clamp(min=1), torch.zeros_like(n_keep))
+
+
+def select_top(excess: Tensor, valid: Tensor, keep_ratio: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Keep the top ``keep_ratio`` of valid tokens by excess in each row of ``[G, M]`` inputs.
+
+    Returns ``(kept [G, M] bool, threshold [G], n_keep [G], n_valid [G])``; ``threshold`` is the
+    smallest kept excess of a group, ``+inf`` where nothing is kept.
+    """
+    n_valid = valid.sum(dim=1)
+    n_keep = keep_count(n_valid, keep_ratio)
+    if keep_ratio == 1.0:
+        kept = valid.clone()
+    else:
+        # Two stable descending sorts make a lexicographic order: valid tokens first, by excess
+        # descending, equal excess in index order. A token's rank in it decides whether it is kept.
+        key = excess.masked_fill(~valid, float("-inf"))
+        order = torch.sort(key, dim=1, descending=True, stable=True).indices
+        valid_first = torch.sort(valid.gather(1, order).to(torch.uint8), dim=1, descending=True, stable=True)
+        order = order.gather(1, valid_first.indices)
+        ranks = torch.arange(order.shape[1], device=order.device).expand_as(order)
+        rank = torch.empty_like(order).scatter_(1, order, ranks)
+        kept = rank < n_keep[:, None]
+    if kept.shape[1] == 0:
+        threshold = excess.new_full((kept.shape[0],), float("inf"))
+    else:
+        threshold = excess.masked_fill(~kept, float("inf")).amin(dim=1)
+    return kept, threshold, n_keep, n_valid

@@ -1,0 +1,26 @@
+from setuptools import setup
+
+setup(
+    name="rho-fused",
+    version="0.1.0",
+    description="Fused Triton kernels for the Rho-1 Selective Language Modeling loss",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="MIT",
+    python_requires=">=3.10",
+    packages=["rho_fused", "rho_fused.backends", "rho_fused.kernels"],
+    package_dir={"rho_fused": "rho_fused", "rho_fused.kernels": "kernels"},
+    install_requires=[
+        "torch>=2.4",
+        "triton>=3.0; platform_system == 'Linux'",
+        "transformers>=4.46",
+        "datasets>=2.19",
+        "accelerate>=1.0",
+        "tqdm",
+    ],
+    extras_require={
+        "dev": ["pytest", "pytest-benchmark", "hypothesis", "ruff"],
+        "demo": ["champ-dataset", "matplotlib"],
+    },
+    entry_points={"console_scripts": ["rho-fused=rho_fused.cli:main"]},
+)
