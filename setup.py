@@ -1,10 +1,12 @@
+from pathlib import Path
+
 from setuptools import setup
 
 setup(
     name="rho-fused",
     version="0.1.0",
     description="Fused Triton kernels for the Rho-1 Selective Language Modeling loss",
-    long_description=open("README.md", encoding="utf-8").read(),
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     license="MIT",
     python_requires=">=3.10",

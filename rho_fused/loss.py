@@ -156,4 +156,7 @@ class SelectiveLMLoss(nn.Module):
         )  # fmt: skip
 
     def extra_repr(self) -> str:
-        return f"keep_ratio={self.keep_ratio}, scope={self.scope!r}, reduction={self.reduction!r}, backend={self.backend!r}"
+        return (
+            f"keep_ratio={self.keep_ratio}, scope={self.scope!r}, "
+            f"reduction={self.reduction!r}, backend={self.backend!r}"
+        )

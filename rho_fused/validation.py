@@ -47,8 +47,7 @@ def make_problem(
         raise ValueError(f"hidden must have shape [N, D] or [B, T, D], got {tuple(hidden.shape)}")
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
         raise ValueError(
-            f"weight must have shape [V, D] with D = hidden.shape[-1] = {hidden.shape[-1]}, "
-            f"got {tuple(weight.shape)}"
+            f"weight must have shape [V, D] with D = hidden.shape[-1] = {hidden.shape[-1]}, got {tuple(weight.shape)}"
         )
     if weight.dtype != hidden.dtype:
         raise TypeError(f"weight must have the dtype of hidden ({hidden.dtype}), got {weight.dtype}")
@@ -64,7 +63,9 @@ def make_problem(
 
     lead = hidden.shape[:-1]
     if targets.shape != lead:
-        raise ValueError(f"targets must have shape {tuple(lead)} (hidden without its last dim), got {tuple(targets.shape)}")
+        raise ValueError(
+            f"targets must have shape {tuple(lead)} (hidden without its last dim), got {tuple(targets.shape)}"
+        )
     if targets.dtype.is_floating_point or targets.dtype.is_complex or targets.dtype == torch.bool:
         raise TypeError(f"targets must be an integer tensor (int64), got {targets.dtype}")
     if ref_loss is not None:
@@ -76,7 +77,9 @@ def make_problem(
 
     for name, t in (("weight", weight), ("targets", targets), ("bias", bias), ("ref_loss", ref_loss)):
         if t is not None and t.device != hidden.device:
-            raise ValueError(f"{name} is on {t.device} but hidden is on {hidden.device}: all tensors must share a device")
+            raise ValueError(
+                f"{name} is on {t.device} but hidden is on {hidden.device}: all tensors must share a device"
+            )
 
     if isinstance(keep_ratio, bool) or not isinstance(keep_ratio, (int, float)):
         raise TypeError(f"keep_ratio must be a float in (0, 1], got {type(keep_ratio).__name__}")
@@ -87,7 +90,9 @@ def make_problem(
     if scope not in SCOPES:
         raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
     if scope == "sequence" and targets.dim() != 2:
-        raise ValueError(f"scope='sequence' needs [B, T] targets (hidden [B, T, D]), got targets of shape {tuple(targets.shape)}")
+        raise ValueError(
+            f"scope='sequence' needs [B, T] targets (hidden [B, T, D]), got targets of shape {tuple(targets.shape)}"
+        )
     if softcap is not None and not (isinstance(softcap, (int, float)) and math.isfinite(softcap) and softcap > 0):
         raise ValueError(f"softcap must be None or a finite number > 0, got {softcap!r}")
 
@@ -130,6 +135,5 @@ def check_values(p: LossProblem) -> None:
         if bool(bad.any()):
             i = int(bad.nonzero()[0, 0])
             raise ValueError(
-                f"ref_loss must be finite where targets are valid; got {float(p.ref_loss[i])} "
-                f"at flattened position {i}"
+                f"ref_loss must be finite where targets are valid; got {float(p.ref_loss[i])} at flattened position {i}"
             )

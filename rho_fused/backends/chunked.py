@@ -103,9 +103,7 @@ class _SelectiveLoss(torch.autograd.Function):
         ce, lse = _forward(p)
         valid = p.valid
         excess = ce if p.ref_loss is None else torch.where(valid, ce - p.ref_loss, torch.zeros_like(ce))
-        kept, threshold, n_kept, n_valid = select_top(
-            excess.view(p.groups, -1), valid.view(p.groups, -1), p.keep_ratio
-        )
+        kept, threshold, n_kept, n_valid = select_top(excess.view(p.groups, -1), valid.view(p.groups, -1), p.keep_ratio)
         kept = kept.reshape(-1)
         loss = reduce_loss(p, torch.where(kept, ce, torch.zeros_like(ce)), n_kept)
 

@@ -53,8 +53,7 @@ def selective_loss(p: LossProblem) -> tuple[Tensor, SelectionStats]:
     excess = torch.where(valid, excess, torch.zeros_like(excess))
 
     groups = [
-        _select(e, v, p.keep_ratio)
-        for e, v in zip(excess.view(p.groups, -1), valid.view(p.groups, -1))
+        _select(e, v, p.keep_ratio) for e, v in zip(excess.view(p.groups, -1), valid.view(p.groups, -1), strict=True)
     ]
     kept = torch.cat([g[0] for g in groups]).to(ce.device)
     threshold = torch.stack([g[1] for g in groups]).to(ce.device)
