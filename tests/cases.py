@@ -1,0 +1,155 @@
+"""Shared builders for parity tests: random loss inputs, the fp64 truth, and PyTorch as users write it.
+
+Parity rule: a backend's result in a dtype is no further from the fp64 truth than plain PyTorch
+in that dtype, plus a small tolerance, and close to the reference backend in the same dtype.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+import rho_fused
+
+IGNORE = -100
+
+# "A small tolerance" beyond PyTorch's own error, relative to the largest value of the truth.
+EXTRA_TOL = {torch.float32: 1e-5, torch.float64: 1e-12, torch.bfloat16: 1e-3, torch.float16: 1e-3}
+
+
+@dataclass(frozen=True)
+class Case:
+    """Inputs of one loss call; ``upstream`` is the random per-token gradient for ``reduction='none'``."""
+
+    hidden: Tensor
+    weight: Tensor
+    bias: Tensor | None
+    targets: Tensor
+    ref_loss: Tensor | None
+    upstream: Tensor
+
+    def to(self, dtype: torch.dtype) -> Case:
+        """The same values (rounded once to ``dtype``) as fresh leaves."""
+
+        def cast(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t.detach().to(dtype).requires_grad_(True)
+
+        return replace(self, hidden=cast(self.hidden), weight=cast(self.weight), bias=cast(self.bias))
+
+
+def make_case(
+    shape: tuple[int, ...],
+    dim: int,
+    vocab: int,
+    *,
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+    bias: bool = False,
+    ignore_frac: float = 0.25,
+    ref: str = "spaced",
+    softcap: float | None = None,
+) -> Case:
+    """Random inputs with ``ignore_frac`` of tokens ignored.
+
+    ``ref="spaced"`` sets ``ref_loss = ce_truth - e`` with ``e`` a random permutation of
+    multiples of 0.5, so the excess of valid tokens is well separated and the kept set cannot
+    flip under rounding; ``ref="random"`` draws it uniformly; ``ref="none"`` gives None.
+    """
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(*shape, dim, generator=g)
+    weight = torch.randn(vocab, dim, generator=g) * (2.0 / math.sqrt(dim))
+    b = torch.randn(vocab, generator=g) if bias else None
+    targets = torch.randint(0, vocab, shape, generator=g)
+    targets[torch.rand(shape, generator=g) < ignore_frac] = IGNORE
+    upstream = torch.randn(shape, generator=g)
+    case = Case(hidden, weight, b, targets, None, upstream).to(dtype)
+    if ref == "random":
+        case = replace(case, ref_loss=torch.rand(shape, generator=g) * 5)
+    elif ref == "spaced":
+        ce = rho_fused.token_losses(
+            case.hidden.double(), case.weight.double(), targets, bias=None if b is None else case.bias.double(),
+            softcap=softcap, backend="reference",
+        )  # fmt: skip
+        spacing = torch.randperm(targets.numel(), generator=g).reshape(shape).double() * 0.5
+        case = replace(case, ref_loss=(ce - spacing).float())
+    elif ref != "none":
+        raise ValueError(ref)
+    return case
+
+
+def run(case: Case, backend: str, **options) -> tuple[Tensor, list[Tensor | None], rho_fused.SelectionStats]:
+    """Loss, gradients ``[d hidden, d weight, d bias]`` and stats of one backend on ``case``."""
+    loss, stats = rho_fused.fused_selective_loss(
+        case.hidden, case.weight, case.targets, case.ref_loss, bias=case.bias, backend=backend,
+        return_stats=True, **options,
+    )  # fmt: skip
+    return loss.detach(), _grads(case, loss, options.get("reduction", "mean")), stats
+
+
+def naive_pytorch(case: Case, kept: Tensor, **options) -> tuple[Tensor, list[Tensor | None]]:
+    """SLM as users write it, entirely in the case's dtype: full logits, CE, the given kept mask."""
+    z = case.hidden @ case.weight.T
+    if case.bias is not None:
+        z = z + case.bias
+    cap = options.get("softcap")
+    if cap is not None:
+        z = cap * torch.tanh(z / cap)
+    safe = torch.where(case.targets == IGNORE, 0, case.targets)
+    ce = F.cross_entropy(z.flatten(0, -2), safe.flatten(), reduction="none").view(case.targets.shape)
+    per_token = ce * kept
+    reduction = options.get("reduction", "mean")
+    if reduction == "none":
+        loss = per_token
+    elif reduction == "sum":
+        loss = per_token.sum()
+    else:
+        loss = per_token.sum() / kept.sum().clamp(min=1)
+    return loss.detach(), _grads(case, loss, reduction)
+
+
+def _grads(case: Case, loss: Tensor, reduction: str) -> list[Tensor | None]:
+    inputs = [t for t in (case.hidden, case.weight, case.bias) if t is not None]
+    upstream = case.upstream.to(loss.dtype) if reduction == "none" else None
+    grads = torch.autograd.grad(loss, inputs, grad_outputs=upstream, allow_unused=True)
+    grads = [torch.zeros_like(x) if gr is None else gr for x, gr in zip(inputs, grads, strict=True)]
+    return grads + [None] * (3 - len(grads))
+
+
+def max_err(a: Tensor, truth: Tensor) -> float:
+    return (a.double() - truth.double()).abs().max().item() if truth.numel() else 0.0
+
+
+def assert_parity(case: Case, backend: str, dtype: torch.dtype, **options) -> rho_fused.SelectionStats:
+    """``backend`` in ``dtype`` against the fp64 truth, PyTorch in ``dtype``, and the reference in ``dtype``."""
+    low = case.to(dtype)
+    # The truth of the inputs this dtype can hold: rounding the inputs is not the backend's error.
+    truth_loss, truth_grads, truth_stats = run(low.to(torch.float64), "reference", **options)
+    loss, grads, stats = run(low, backend, **options)
+    ref_loss, ref_grads, ref_stats = run(low, "reference", **options)
+    torch_loss, torch_grads = naive_pytorch(low, truth_stats.kept, **options)
+
+    assert torch.equal(stats.kept, truth_stats.kept), "kept set differs from the fp64 truth's"
+    assert torch.equal(stats.kept, ref_stats.kept)
+    assert torch.equal(stats.n_kept, truth_stats.n_kept) and torch.equal(stats.n_valid, truth_stats.n_valid)
+    names = ["loss", "d hidden", "d weight", "d bias"]
+    for name, ours, ref, pt, truth in zip(
+        names, [loss, *grads], [ref_loss, *ref_grads], [torch_loss, *torch_grads], [truth_loss, *truth_grads],
+        strict=True,
+    ):  # fmt: skip
+        if truth is None:
+            assert ours is None or not ours.any(), name
+            continue
+        assert ours.shape == truth.shape, f"{name}: shape {tuple(ours.shape)} != {tuple(truth.shape)}"
+        assert torch.isfinite(ours).all(), f"{name} has NaN or inf"
+        scale = truth.abs().max().item() if truth.numel() else 0.0
+        budget = max_err(pt, truth) + EXTRA_TOL[dtype] * max(scale, 1e-3)
+        err = max_err(ours, truth)
+        assert err <= budget, f"{name}: error {err:.3g} vs fp64 truth exceeds PyTorch {dtype}'s {budget:.3g}"
+        # Same inputs, both accumulating in fp32: at most one rounding of the output apart.
+        eps = torch.finfo(dtype).eps if dtype != torch.float32 else 1e-5
+        assert max_err(ours, ref) <= 2 * eps * max(scale, 1e-3), f"{name}: differs from the reference backend"
+    return stats

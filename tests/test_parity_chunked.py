@@ -1,0 +1,157 @@
+"""The chunked backend against the reference and the fp64 truth, forward and every gradient."""
+
+from __future__ import annotations
+
+import zlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+from cases import IGNORE, Case, assert_parity, make_case, run
+
+import rho_fused
+from rho_fused.backends import chunked
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+@pytest.fixture(autouse=True)
+def small_chunks(monkeypatch):
+    """Chunks of a few rows, so every shape below spans several chunks and ends in a partial one."""
+    monkeypatch.setattr(chunked, "CHUNK_BUDGET_BYTES", 7 * 97 * 4 * chunked.CHUNK_BUFFERS)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("scope", ["batch", "sequence"])
+@pytest.mark.parametrize("keep_ratio", [1.0, 0.6, 0.01])
+@pytest.mark.parametrize("bias,softcap", [(False, None), (True, None), (False, 4.0), (True, 2.5)])
+def test_matches_reference(dtype, reduction, scope, keep_ratio, bias, softcap):
+    # [B, T] = [5, 13]: 65 tokens, not a multiple of the 7-row chunk; 97 is no power of two.
+    seed = zlib.crc32(f"{reduction}{scope}{keep_ratio}{bias}{softcap}".encode())
+    case = make_case((5, 13), 24, 97, seed=seed, bias=bias, softcap=softcap)
+    stats = assert_parity(
+        case, "chunked", dtype, keep_ratio=keep_ratio, reduction=reduction, scope=scope, softcap=softcap
+    )
+    if keep_ratio == 0.01:  # keeps a single token per group
+        assert (stats.n_kept == (stats.n_valid > 0).long()).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("ref", ["none", "random"])
+def test_flat_tokens(dtype, ref):
+    case = make_case((71,), 40, 97, seed=3, bias=True, ref=ref, ignore_frac=0.3)
+    assert_parity(case, "chunked", dtype, keep_ratio=0.6, reduction="none")
+
+
+@pytest.mark.parametrize("backend", ["chunked", "reference"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_all_ignored(backend, reduction):
+    case = make_case((3, 9), 16, 33, bias=True, ignore_frac=1.0, ref="random")
+    assert (case.targets == IGNORE).all()
+    loss, grads, stats = run(case, backend, reduction=reduction)
+    assert torch.isfinite(loss).all() and not loss.any()
+    for g in grads:
+        assert g is not None and torch.isfinite(g).all() and not g.any()
+    assert stats.n_kept.item() == 0 and stats.n_valid.item() == 0 and not stats.kept.any()
+    assert stats.threshold.item() == float("inf")
+
+
+@pytest.mark.parametrize("backend", ["chunked", "reference"])
+def test_keep_count_is_exact(backend):
+    # 0.7 * 10 and 0.6 * 10 must not round up past the integer they denote.
+    case = make_case((10,), 8, 33, ignore_frac=0.0)
+    for ratio, expected in [(0.7, 7), (0.6, 6), (0.3, 3), (0.1, 1), (0.11, 2), (1.0, 10), (1e-9, 1)]:
+        _, _, stats = run(case, backend, keep_ratio=ratio)
+        assert stats.n_kept.item() == expected, ratio
+        assert stats.kept.sum().item() == expected
+
+
+@pytest.mark.parametrize("backend", ["chunked", "reference"])
+def test_ties_go_to_lower_index(backend):
+    # hidden = 0: every logit row equals the bias, so tokens with equal targets have equal ce.
+    n, vocab = 23, 17
+    targets = torch.tensor([3, 5] * 11 + [3])
+    targets[[1, 4, 8]] = IGNORE
+    case = Case(
+        hidden=torch.zeros(n, 8, requires_grad=True),
+        weight=torch.randn(vocab, 8, requires_grad=True),
+        bias=torch.randn(vocab, requires_grad=True),
+        targets=targets,
+        ref_loss=None,
+        upstream=torch.randn(n),
+    )
+    ce = torch.logsumexp(case.bias.detach(), 0) - case.bias.detach()
+    high, low = (3, 5) if ce[3] > ce[5] else (5, 3)
+    valid_high = [i for i in range(n) if targets[i] == high]
+    valid_low = [i for i in range(n) if targets[i] == low]
+    n_valid = len(valid_high) + len(valid_low)
+    keep = 0.6
+    n_keep = -(-6 * n_valid // 10)
+    expected = torch.zeros(n, dtype=torch.bool)
+    expected[valid_high[:n_keep]] = True
+    expected[valid_low[: max(0, n_keep - len(valid_high))]] = True
+    _, _, stats = run(case, backend, keep_ratio=keep)
+    assert torch.equal(stats.kept, expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("shape", [(45,), (4, 11)])
+def test_plain_cross_entropy(dtype, shape):
+    """``ref_loss=None, keep_ratio=1.0`` is ``F.cross_entropy`` on the full logits."""
+    case = make_case(shape, 24, 97, dtype=dtype, bias=True, ref="none", seed=7)
+    loss, grads, _ = run(case, "chunked", keep_ratio=1.0)
+    logits = case.hidden @ case.weight.T + case.bias
+    expected = F.cross_entropy(logits.flatten(0, -2), case.targets.flatten(), ignore_index=IGNORE)
+    expected_grads = torch.autograd.grad(expected, [case.hidden, case.weight, case.bias])
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(loss, expected.detach(), **tol)
+    for ours, theirs in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(ours, theirs, **tol)
+    lce = rho_fused.linear_cross_entropy(case.hidden, case.weight, case.targets, bias=case.bias)
+    torch.testing.assert_close(lce, expected, **tol)
+
+
+@pytest.mark.parametrize("backend", ["chunked", "reference"])
+def test_token_losses(backend):
+    case = make_case((3, 17), 16, 97, bias=True, ref="none")
+    ce = rho_fused.token_losses(case.hidden, case.weight, case.targets, bias=case.bias, backend=backend)
+    assert ce.dtype == torch.float32 and ce.shape == case.targets.shape and not ce.requires_grad
+    expected = F.cross_entropy(
+        (case.hidden @ case.weight.T + case.bias).transpose(1, 2), case.targets, ignore_index=IGNORE, reduction="none"
+    )
+    torch.testing.assert_close(ce, expected.detach(), rtol=1e-5, atol=1e-6)
+    assert not ce[case.targets == IGNORE].any()
+
+
+def test_stats_are_consistent():
+    case = make_case((4, 19), 16, 97, bias=True, ref="random", seed=11)
+    loss, stats = rho_fused.fused_selective_loss(
+        case.hidden, case.weight, case.targets, case.ref_loss, bias=case.bias, scope="sequence", return_stats=True
+    )
+    valid = case.targets != IGNORE
+    assert torch.equal(stats.n_valid, valid.sum(1))
+    assert torch.equal(stats.n_kept, stats.kept.sum(1))
+    torch.testing.assert_close(stats.excess[valid], stats.ce[valid] - case.ref_loss[valid])
+    for row in range(4):
+        kept, ex = stats.kept[row], stats.excess[row]
+        assert (ex[kept] >= stats.threshold[row]).all()
+        assert (ex[valid[row] & ~kept] <= stats.threshold[row]).all()
+    torch.testing.assert_close(loss, (stats.ce * stats.kept).sum() / stats.n_kept.sum())
+    assert not any(t.requires_grad for t in (stats.ce, stats.excess, stats.threshold))
+
+
+def test_frozen_weight_and_module():
+    case = make_case((2, 21), 16, 97, bias=True)
+    weight = case.weight.detach()
+    loss_fn = rho_fused.SelectiveLMLoss(keep_ratio=0.5, reduction="sum")
+    loss = loss_fn(case.hidden, weight, case.targets, case.ref_loss, bias=case.bias)
+    expected = rho_fused.fused_selective_loss(
+        case.hidden, weight, case.targets, case.ref_loss, keep_ratio=0.5, reduction="sum", bias=case.bias,
+        backend="reference",
+    )  # fmt: skip
+    torch.testing.assert_close(loss, expected)
+    got = torch.autograd.grad(loss, [case.hidden, case.bias])
+    want = torch.autograd.grad(expected, [case.hidden, case.bias])
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b)
