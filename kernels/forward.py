@@ -1,0 +1,149 @@
+"""Fused forward: LM-head matmul, online logsumexp and target logit, one vocabulary slice per program.
+
+The logits exist only as ``[BLOCK_N, BLOCK_V]`` tiles in registers. Program ``(i, s)`` takes row
+tile ``i`` of the compacted valid rows and vocabulary slice ``s``, and writes, per row, the
+partial ``(max, sum of exp, target logit)`` of its slice; `rho_fused.kernels.merge` combines the
+slices. Splitting the vocabulary fills the GPU when the row tiles alone are too few.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from .tile import logits_tile
+
+
+@triton.jit
+def forward_kernel(
+    H,  # *[N, D] hidden, input dtype
+    W,  # *[V, D] weight
+    B,  # *[V] bias (any valid pointer when HAS_BIAS is False)
+    T,  # *i64 [N] targets
+    ROWS,  # *i32 [N] compacted valid rows; ROWS[:COUNT] are used
+    COUNT,  # *i32 [1]
+    PART_M,  # *f32 [S, N] out: max over the slice of z[n, v]
+    PART_S,  # *f32 [S, N] out: sum over the slice of exp(z[n, v] - max)
+    PART_T,  # *f32 [S, N] out: z[n, target_n] if the target is in the slice, else 0
+    N,
+    V,
+    D,
+    v_per_split,  # multiple of BLOCK_V
+    softcap,
+    HAS_BIAS: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    count = tl.load(COUNT)
+    if pid_n * BLOCK_N >= count:
+        return  # past the valid rows: ignored rows cost nothing
+    pos = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = pos < count
+    rows = tl.load(ROWS + pos, mask=row_mask, other=0).to(tl.int64)
+    tgt = tl.load(T + rows, mask=row_mask, other=0)
+
+    v_start = pid_s * v_per_split
+    v_end = tl.minimum(v_start + v_per_split, V)
+    m = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
+    s = tl.zeros([BLOCK_N], dtype=tl.float32)
+    t = tl.zeros([BLOCK_N], dtype=tl.float32)
+    # Online logsumexp over the slice, one vocabulary tile at a time:
+    #   m' = max(m, max_v z[:, v]);  s' = s * exp(m - m') + sum_v exp(z[:, v] - m')
+    # and t picks z[n, target_n] in the tile that holds the target.
+    for v0 in range(v_start, v_end, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V).to(tl.int64)
+        col_mask = cols < V
+        z, _ = logits_tile(
+            H, W, B, rows, row_mask, cols, col_mask, D, softcap,
+            HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, DOT_PRECISION,
+        )  # fmt: skip
+        z = tl.where(col_mask[None, :], z, float("-inf"))
+        t += tl.sum(tl.where(cols[None, :] == tgt[:, None], z, 0.0), axis=1)
+        m_new = tl.maximum(m, tl.max(z, axis=1))
+        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new[:, None]), axis=1)
+        m = m_new
+    out = pid_s.to(tl.int64) * N + rows
+    tl.store(PART_M + out, m, mask=row_mask)
+    tl.store(PART_S + out, s, mask=row_mask)
+    tl.store(PART_T + out, t, mask=row_mask)
+
+
+@dataclass(frozen=True)
+class ForwardConfig:
+    """Tile shape and launch options. ``splits=None``: enough vocabulary slices to fill the GPU."""
+
+    block_n: int = 128
+    block_v: int = 128
+    block_d: int = 64
+    num_warps: int = 8
+    num_stages: int = 3
+    splits: int | None = None
+
+
+# Programs wanted per streaming multiprocessor before the vocabulary is split further.
+PROGRAMS_PER_SM = 2
+
+
+def default_config(dtype: torch.dtype) -> ForwardConfig:
+    """The configuration the launcher uses: 128x128 tiles; fp32 operands take half the depth."""
+    return ForwardConfig(block_d=32) if dtype == torch.float32 else ForwardConfig()
+
+
+def num_splits(n: int, v: int, cfg: ForwardConfig, device: torch.device) -> int:
+    """Vocabulary slices per row tile: ``ceil(2 * SMs / row_tiles)``, at most one per vocabulary tile."""
+    if cfg.splits is not None:
+        return max(1, min(cfg.splits, triton.cdiv(v, cfg.block_v)))
+    if device.type != "cuda":
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    wanted = triton.cdiv(PROGRAMS_PER_SM * sms, triton.cdiv(n, cfg.block_n))
+    return max(1, min(wanted, triton.cdiv(v, cfg.block_v)))
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """fp32 inputs get full fp32 products ("ieee"), as the contract asks; 16-bit inputs use tensor cores."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def forward(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    rows: torch.Tensor,
+    count: torch.Tensor,
+    softcap: float | None,
+    config: ForwardConfig | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Partial ``(max, sumexp, target logit)`` per vocabulary slice, each fp32 ``[S, N]``.
+
+    ``hidden [N, D]``, ``weight [V, D]``, ``bias [V]`` contiguous and of one dtype; ``rows[:count]``
+    the valid rows (from `rho_fused.kernels.compact`). Only those rows of the outputs are written.
+    """
+    cfg = config or default_config(hidden.dtype)
+    n, d = hidden.shape
+    v = weight.shape[0]
+    splits = num_splits(n, v, cfg, hidden.device)
+    v_per_split = triton.cdiv(triton.cdiv(v, splits), cfg.block_v) * cfg.block_v
+    splits = triton.cdiv(v, v_per_split)  # no empty slice
+    part = torch.empty(3, splits, n, dtype=torch.float32, device=hidden.device)
+    grid = (triton.cdiv(n, cfg.block_n), splits)
+    if n > 0:
+        forward_kernel[grid](
+            hidden, weight, weight if bias is None else bias, targets, rows, count,
+            part[0], part[1], part[2],
+            n, v, d, v_per_split, 1.0 if softcap is None else softcap,
+            HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None,
+            BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d,
+            DOT_PRECISION=dot_precision(hidden.dtype),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )  # fmt: skip
+    return part[0], part[1], part[2]

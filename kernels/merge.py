@@ -1,0 +1,81 @@
+"""Forward epilogue: merge the vocabulary slices' partial logsumexps into ``lse``, ``ce`` and ``excess``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def merge_kernel(
+    PART_M,  # *f32 [S, N]
+    PART_S,  # *f32 [S, N]
+    PART_T,  # *f32 [S, N]
+    T,  # *i64 [N] targets
+    REF,  # *f32 [N] reference loss (any valid pointer when HAS_REF is False)
+    LSE,  # *f32 [N] out
+    CE,  # *f32 [N] out
+    EXCESS,  # *f32 [N] out
+    N,
+    S,
+    ignore_index,
+    HAS_REF: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """Per row: ``lse = M + log(sum_s s_s * exp(m_s - M))`` with ``M = max_s m_s``,
+    ``ce = lse - sum_s t_s`` (one slice holds the target), ``excess = ce - ref``; 0 at ignored rows.
+    """
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    in_range = offs < N
+    valid = in_range & (tl.load(T + offs, mask=in_range, other=ignore_index) != ignore_index)
+    m = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
+    s = tl.zeros([BLOCK], dtype=tl.float32)
+    t = tl.zeros([BLOCK], dtype=tl.float32)
+    # Pairwise merge of (max, sum) pairs: m' = max(m, m_s); s' = s * exp(m - m') + s_s * exp(m_s - m')
+    for k in range(0, S):
+        ms = tl.load(PART_M + k * N + offs, mask=valid, other=0.0)
+        m_new = tl.maximum(m, ms)
+        s = s * tl.exp(m - m_new) + tl.load(PART_S + k * N + offs, mask=valid, other=0.0) * tl.exp(ms - m_new)
+        t += tl.load(PART_T + k * N + offs, mask=valid, other=0.0)
+        m = m_new
+    lse = tl.where(valid, m + tl.log(tl.where(valid, s, 1.0)), 0.0)  # no log(0) at ignored rows
+    ce = tl.where(valid, lse - t, 0.0)
+    if HAS_REF:
+        excess = tl.where(valid, ce - tl.load(REF + offs, mask=valid, other=0.0), 0.0)
+    else:
+        excess = ce
+    tl.store(LSE + offs, lse, mask=in_range)
+    tl.store(CE + offs, ce, mask=in_range)
+    tl.store(EXCESS + offs, excess, mask=in_range)
+
+
+@dataclass(frozen=True)
+class MergeConfig:
+    block: int = 1024
+    num_warps: int = 4
+    num_stages: int = 1
+
+
+def merge(
+    part_m: torch.Tensor,
+    part_s: torch.Tensor,
+    part_t: torch.Tensor,
+    targets: torch.Tensor,
+    ref_loss: torch.Tensor | None,
+    ignore_index: int,
+    config: MergeConfig | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(lse, ce, excess)``, fp32 ``[N]``, 0 at ignored rows; ``ref_loss`` fp32 ``[N]`` or None."""
+    cfg = config or MergeConfig()
+    splits, n = part_m.shape
+    out = torch.empty(3, n, dtype=torch.float32, device=part_m.device)
+    if n > 0:
+        merge_kernel[(triton.cdiv(n, cfg.block),)](
+            part_m, part_s, part_t, targets, out[0] if ref_loss is None else ref_loss,
+            out[0], out[1], out[2], n, splits, ignore_index,
+            HAS_REF=ref_loss is not None, BLOCK=cfg.block, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )  # fmt: skip
+    return out[0], out[1], out[2]

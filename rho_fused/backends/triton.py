@@ -1,0 +1,96 @@
+"""The fused Triton backend: the loss in five kernel launches and no host synchronisation.
+
+Forward: compact the valid rows (`rho_fused.kernels.compact`), the fused matmul + online
+logsumexp over vocabulary slices (`.forward`), the epilogue giving ``lse``, ``ce`` and
+``excess`` (`.merge`), the exact radix top-k per selection group (`.select`), and the compacted
+list of kept rows. Backward: one kernel over the kept rows only (`.backward`), recomputing each
+logits tile once and accumulating d hidden, d weight and d bias in fp32.
+
+Every size the launches depend on is a shape; counts (valid rows, ``n_keep``, kept rows) stay on
+the device, so forward and backward run under CUDA graphs. On CPU the kernels run under
+``TRITON_INTERPRET=1`` (how the tests prove them). fp64 inputs go to the chunked backend: the
+kernels accumulate in fp32, and the contract asks fp64 for fp64.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from rho_fused.kernels.backward import backward as backward_kernel
+from rho_fused.kernels.compact import compact
+from rho_fused.kernels.forward import forward as forward_kernel
+from rho_fused.kernels.merge import merge
+from rho_fused.kernels.select import select
+
+from ..problem import LossProblem, SelectionStats, make_stats, reduce_loss
+from ..selection import keep_fraction
+from . import chunked
+
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _forward(p: LossProblem) -> tuple[Tensor, Tensor, Tensor]:
+    """``(ce, lse, excess)``, fp32 ``[N]``, 0 at ignored rows."""
+    rows, count = compact(p.valid)
+    part_m, part_s, part_t = forward_kernel(p.hidden, p.weight, p.bias, p.targets, rows, count, p.softcap)
+    lse, ce, excess = merge(part_m, part_s, part_t, p.targets, p.ref_loss, p.ignore_index)
+    return ce, lse, excess
+
+
+class _SelectiveLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, p: LossProblem):  # type: ignore[override]
+        ce, lse, excess = _forward(p)
+        kept, threshold, n_kept, n_valid = select(excess, p.targets, p.groups, p.ignore_index, keep_fraction(p.keep_ratio))
+        n_kept, n_valid = n_kept.long(), n_valid.long()
+        loss = reduce_loss(p, torch.where(kept, ce, torch.zeros_like(ce)), n_kept)
+        kept_rows, kept_count = compact(kept)
+
+        ctx.problem = replace(p, hidden=None, weight=None, bias=None)
+        ctx.save_for_backward(hidden, weight, bias, lse, kept_rows, kept_count)
+        ctx.mark_non_differentiable(ce, excess, kept, threshold, n_kept, n_valid)
+        return loss, ce, excess, kept, threshold, n_kept, n_valid
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_loss: Tensor, *_unused: Tensor):  # type: ignore[override]
+        hidden, weight, bias, lse, kept_rows, kept_count = ctx.saved_tensors
+        p = ctx.problem
+        # g_i, the upstream gradient of token i's term: per token for "none", one value otherwise
+        # (divided by the total kept count for "mean"; the count stays on the device).
+        grad_loss = grad_loss.float()
+        if p.reduction == "none":
+            g = grad_loss.reshape(-1).contiguous()
+        elif p.reduction == "sum":
+            g = grad_loss.reshape(1)
+        else:
+            g = (grad_loss / kept_count.clamp(min=1)).reshape(1)
+        dh, dw, db = backward_kernel(
+            hidden, weight, bias, p.targets, lse, g, kept_rows, kept_count, p.softcap, ctx.needs_input_grad[:3]
+        )
+        return (
+            None if dh is None else dh.to(hidden.dtype),
+            None if dw is None else dw.to(weight.dtype),
+            None if db is None else db.to(bias.dtype),
+            None,
+        )
+
+
+def selective_loss(p: LossProblem) -> tuple[Tensor, SelectionStats]:
+    """The contract's loss; autograd runs the kept-rows-only backward kernel."""
+    if p.hidden.dtype not in KERNEL_DTYPES:
+        return chunked.selective_loss(p)
+    loss, ce, excess, kept, threshold, n_kept, n_valid = _SelectiveLoss.apply(p.hidden, p.weight, p.bias, p)
+    return loss, make_stats(p, ce, excess, kept, threshold, n_kept, n_valid)
+
+
+@torch.no_grad()
+def token_losses(p: LossProblem) -> Tensor:
+    """Per-token cross-entropy, fp32, 0 at ignored tokens: the forward kernels alone."""
+    if p.hidden.dtype not in KERNEL_DTYPES:
+        return chunked.token_losses(p)
+    return _forward(p)[0]
