@@ -43,10 +43,9 @@ def merge_kernel(
         m = m_new
     lse = tl.where(valid, m + tl.log(tl.where(valid, s, 1.0)), 0.0)  # no log(0) at ignored rows
     ce = tl.where(valid, lse - t, 0.0)
+    excess = ce
     if HAS_REF:
         excess = tl.where(valid, ce - tl.load(REF + offs, mask=valid, other=0.0), 0.0)
-    else:
-        excess = ce
     tl.store(LSE + offs, lse, mask=in_range)
     tl.store(CE + offs, ce, mask=in_range)
     tl.store(EXCESS + offs, excess, mask=in_range)

@@ -45,7 +45,9 @@ class _SelectiveLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, p: LossProblem):  # type: ignore[override]
         ce, lse, excess = _forward(p)
-        kept, threshold, n_kept, n_valid = select(excess, p.targets, p.groups, p.ignore_index, keep_fraction(p.keep_ratio))
+        kept, threshold, n_kept, n_valid = select(
+            excess, p.targets, p.groups, p.ignore_index, keep_fraction(p.keep_ratio)
+        )
         n_kept, n_valid = n_kept.long(), n_valid.long()
         loss = reduce_loss(p, torch.where(kept, ce, torch.zeros_like(ce)), n_kept)
         kept_rows, kept_count = compact(kept)
