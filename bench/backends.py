@@ -1,0 +1,96 @@
+"""Forward+backward time and peak memory of rho_fused's own backends, side by side in one run.
+
+    python bench/backends.py --tokens 2048 --dim 512 --vocab 32000 --keep 0.6
+
+Times alternate between backends after a warm-up (medians of ``--reps``); peak memory is the
+growth of the resident set during one forward+backward, each backend in a fresh subprocess
+(the high-water mark is reset once the inputs exist, via /proc/self/clear_refs). CPU, fp32.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+import rho_fused
+
+BACKENDS = ("reference", "chunked")
+
+
+def make_inputs(args: argparse.Namespace) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(args.tokens, args.dim, generator=g).requires_grad_()
+    weight = (torch.randn(args.vocab, args.dim, generator=g) / args.dim**0.5).requires_grad_()
+    targets = torch.randint(0, args.vocab, (args.tokens,), generator=g)
+    ref_loss = torch.rand(args.tokens, generator=g) * 10
+    return hidden, weight, targets, ref_loss
+
+
+def step(backend: str, hidden, weight, targets, ref_loss, keep: float) -> None:
+    loss = rho_fused.fused_selective_loss(hidden, weight, targets, ref_loss, keep_ratio=keep, backend=backend)
+    loss.backward()
+    hidden.grad = weight.grad = None
+
+
+def _kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return int(re.search(rf"{field}:\s+(\d+)", f.read()).group(1))
+
+
+def peak_growth_mib(args: argparse.Namespace) -> float:
+    """Run in a fresh process: resident-set growth of one forward+backward, in MiB."""
+    inputs = make_inputs(args)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the high-water mark to the current resident set
+    before = _kib("VmRSS")
+    step(args.memory_of, *inputs, args.keep)
+    return (_kib("VmHWM") - before) / 1024
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokens", type=int, default=2048)
+    parser.add_argument("--dim", type=int, default=512)
+    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--keep", type=float, default=0.6)
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--memory-of", choices=BACKENDS, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.memory_of:
+        print(json.dumps(peak_growth_mib(args)))
+        return
+
+    inputs = make_inputs(args)
+    times: dict[str, list[float]] = {b: [] for b in BACKENDS}
+    for b in BACKENDS:
+        step(b, *inputs, args.keep)  # warm-up
+    for _ in range(args.reps):
+        for b in BACKENDS:
+            start = time.perf_counter()
+            step(b, *inputs, args.keep)
+            times[b].append(time.perf_counter() - start)
+    base = [a for a in sys.argv[1:]]
+    memory = {
+        b: json.loads(subprocess.check_output([sys.executable, __file__, *base, "--memory-of", b], text=True))
+        for b in BACKENDS
+    }
+    n, d, v, r = args.tokens, args.dim, args.vocab, args.keep
+    print(f"N={n} D={d} V={v} keep={r} fp32, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print("| backend | fwd+bwd median (s) | peak RSS growth (MiB) |")
+    print("| --- | --- | --- |")
+    for b in BACKENDS:
+        print(f"| {b} | {statistics.median(times[b]):.3f} | {memory[b]:.0f} |")
+    t_ratio = statistics.median(times["chunked"]) / statistics.median(times["reference"])
+    m_ratio = memory["chunked"] / memory["reference"]
+    print(f"chunked / reference: time {t_ratio:.2f}x, peak memory growth {m_ratio:.3f}x")
+
+
+if __name__ == "__main__":
+    main()
