@@ -1,0 +1,195 @@
+"""Compile every kernel offline for sm_80 and sm_90 and report what the hardware would run.
+
+    python -m rho_fused.kernels.report
+
+No GPU is needed: `triton.compile` targets a `GPUTarget`, and the CUDA tools shipped in the triton
+wheel read the cubin. Each kernel is compiled with the configuration its launcher really uses at
+N=8192, D=4096, V=128256, bf16 (no bias, no softcap: the common LM head), with the integer
+arguments specialised as the JIT would (multiples of 16 marked divisible by 16). One line per
+kernel and architecture:
+
+    kernel=NAME arch=sm90 num_warps=W num_stages=S regs=R spill_bytes=B smem_bytes=M tensor_core_ops=K
+
+``regs`` from ``cuobjdump -res-usage``; ``spill_bytes`` the spill stores ``ptxas -v`` reports for
+the kernel's PTX; ``smem_bytes`` Triton's shared-memory allocation; ``tensor_core_ops`` the count
+of HMMA / HGMMA instructions in the ``nvdisasm`` listing.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.backends.nvidia.compiler import get_ptxas
+
+from . import backward, compact, forward, merge, select
+
+N, D, V = 8192, 4096, 128256
+DTYPE = torch.bfloat16
+ARCHS = (80, 90)
+BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    name: str
+    fn: object  # the @triton.jit function
+    args: dict[str, object]  # argument -> value: a dtype string for pointers ("*bf16"), an int or float, or a constexpr
+    constexprs: tuple[str, ...]
+    num_warps: int
+    num_stages: int
+
+
+def _ptr(dtype: torch.dtype) -> str:
+    return "*" + {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]
+
+
+def specs() -> list[KernelSpec]:
+    """The launchers' configurations at the report's shape."""
+    fc, bc = forward.default_config(DTYPE), backward.default_config(DTYPE)
+    sc, cc, mc = select.SelectConfig(), compact.CompactConfig(), merge.MergeConfig()
+    h = _ptr(DTYPE)
+    # The vocabulary slice of a 132-SM H100 at N=8192 (the launcher computes it from the device).
+    splits = max(1, triton.cdiv(forward.PROGRAMS_PER_SM * 132, triton.cdiv(N, fc.block_n)))
+    v_per_split = triton.cdiv(triton.cdiv(V, splits), fc.block_v) * fc.block_v
+    return [
+        KernelSpec(
+            "compact", compact.compact_kernel,
+            {"MASK": "*u8", "IDX": "*i32", "COUNT": "*i32", "N": N, "BLOCK": cc.block},
+            ("BLOCK",), cc.num_warps, cc.num_stages,
+        ),
+        KernelSpec(
+            "forward", forward.forward_kernel,
+            {
+                "H": h, "W": h, "B": h, "T": "*i64", "ROWS": "*i32", "COUNT": "*i32",
+                "PART_M": "*fp32", "PART_S": "*fp32", "PART_T": "*fp32",
+                "N": N, "V": V, "D": D, "v_per_split": v_per_split, "softcap": 1.0,
+                "HAS_BIAS": False, "HAS_SOFTCAP": False, "BLOCK_N": fc.block_n, "BLOCK_V": fc.block_v,
+                "BLOCK_D": fc.block_d, "DOT_PRECISION": forward.dot_precision(DTYPE),
+            },
+            ("HAS_BIAS", "HAS_SOFTCAP", "BLOCK_N", "BLOCK_V", "BLOCK_D", "DOT_PRECISION"),
+            fc.num_warps, fc.num_stages,
+        ),
+        KernelSpec(
+            "merge", merge.merge_kernel,
+            {
+                "PART_M": "*fp32", "PART_S": "*fp32", "PART_T": "*fp32", "T": "*i64", "REF": "*fp32",
+                "LSE": "*fp32", "CE": "*fp32", "EXCESS": "*fp32", "N": N, "S": splits, "ignore_index": -100,
+                "HAS_REF": True, "BLOCK": mc.block,
+            },
+            ("HAS_REF", "BLOCK"), mc.num_warps, mc.num_stages,
+        ),
+        KernelSpec(
+            "select", select.select_kernel,
+            {
+                "EXCESS": "*fp32", "T": "*i64", "KEPT": "*u8", "THRESHOLD": "*fp32", "N_KEEP": "*i32",
+                "N_VALID": "*i32", "M": N, "ignore_index": -100, "keep_p": 3, "keep_q": 5, "BLOCK": sc.block,
+            },
+            ("BLOCK",), sc.num_warps, sc.num_stages,
+        ),
+        KernelSpec(
+            "backward", backward.backward_kernel,
+            {
+                "H": h, "W": h, "B": h, "T": "*i64", "LSE": "*fp32", "G": "*fp32", "ROWS": "*i32",
+                "COUNT": "*i32", "DH": "*fp32", "DW": "*fp32", "DB": "*fp32", "N": N, "V": V, "D": D,
+                "G_STRIDE": 0, "softcap": 1.0, "HAS_BIAS": False, "HAS_SOFTCAP": False, "NEED_DH": True,
+                "NEED_DW": True, "NEED_DB": False, "BLOCK_N": bc.block_n, "BLOCK_V": bc.block_v,
+                "BLOCK_D": bc.block_d, "GROUP_N": bc.group_n, "DOT_PRECISION": forward.dot_precision(DTYPE),
+            },
+            ("HAS_BIAS", "HAS_SOFTCAP", "NEED_DH", "NEED_DW", "NEED_DB", "BLOCK_N", "BLOCK_V", "BLOCK_D",
+             "GROUP_N", "DOT_PRECISION"),
+            bc.num_warps, bc.num_stages,
+        ),
+    ]  # fmt: skip
+
+
+def _source(spec: KernelSpec) -> triton.compiler.ASTSource:
+    """Signature and specialisation as the JIT would build them for these argument values."""
+    signature: dict[str, str] = {}
+    constexprs: dict[str, object] = {}
+    attrs: dict[tuple[int, ...], list[list[object]]] = {}
+    for i, name in enumerate(spec.fn.arg_names):
+        value = spec.args[name]
+        if name in spec.constexprs:
+            signature[name] = "constexpr"
+            constexprs[name] = value
+        elif isinstance(value, str):
+            signature[name] = value
+            attrs[(i,)] = [["tt.divisibility", 16]]  # torch allocations are 16-byte aligned
+        elif isinstance(value, float):
+            signature[name] = "fp32"
+        else:
+            signature[name] = "i32" if -(2**31) <= value < 2**31 else "i64"
+            if value % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    return triton.compiler.ASTSource(fn=spec.fn, signature=signature, constexprs=constexprs, attrs=attrs)
+
+
+def _run(*cmd: str) -> str:
+    out = subprocess.run(list(cmd), check=True, capture_output=True, text=True)
+    return out.stdout + out.stderr
+
+
+def _tool(name: str, *args: str) -> str:
+    return _run(os.path.join(BIN, name), *args)
+
+
+def measure(spec: KernelSpec, arch: int) -> dict[str, int]:
+    """Compile ``spec`` for ``sm_<arch>`` and read registers, spills, shared memory and tensor-core ops."""
+    k = triton.compile(
+        _source(spec),
+        target=GPUTarget("cuda", arch, 32),
+        options={"num_warps": spec.num_warps, "num_stages": spec.num_stages},
+    )
+    gpu = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin, ptx = os.path.join(tmp, "k.cubin"), os.path.join(tmp, "k.ptx")
+        with open(cubin, "wb") as f:
+            f.write(k.asm["cubin"])
+        with open(ptx, "w") as f:
+            f.write(k.asm["ptx"])
+        usage = _tool("cuobjdump", "-res-usage", cubin)
+        sass = _tool("nvdisasm", cubin)
+        # The ptxas triton itself runs for this architecture (the wheel ships two).
+        ptxas = _run(get_ptxas(arch).path, "-v", f"--gpu-name={gpu}", ptx, "-o", os.path.join(tmp, "check.cubin"))
+    regs = int(re.search(r"REG:(\d+)", usage).group(1))
+    spills = sum(int(b) for b in re.findall(r"(\d+) bytes spill (?:stores|loads)", ptxas))
+    local = int(re.search(r"LOCAL:(\d+)", usage).group(1))
+    tensor_ops = len(re.findall(r"\b(?:HGMMA|HMMA)\.", sass))
+    return {
+        "regs": regs,
+        "spill_bytes": max(spills, local),
+        "smem_bytes": k.metadata.shared,
+        "tensor_core_ops": tensor_ops,
+    }
+
+
+def line(spec: KernelSpec, arch: int, m: dict[str, int]) -> str:
+    return (
+        f"kernel={spec.name} arch=sm{arch} num_warps={spec.num_warps} num_stages={spec.num_stages} "
+        f"regs={m['regs']} spill_bytes={m['spill_bytes']} smem_bytes={m['smem_bytes']} "
+        f"tensor_core_ops={m['tensor_core_ops']}"
+    )
+
+
+def main() -> int:
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # the JIT's default; silences 3.9's notice
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        print("unset TRITON_INTERPRET: the report compiles for real GPUs", file=sys.stderr)
+        return 2
+    print(f"# offline compile, N={N} D={D} V={V} {str(DTYPE).removeprefix('torch.')}, triton {triton.__version__}")
+    for spec in specs():
+        for arch in ARCHS:
+            print(line(spec, arch, measure(spec, arch)), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
