@@ -54,7 +54,7 @@ def _ptr(dtype: torch.dtype) -> str:
 def specs() -> list[KernelSpec]:
     """The launchers' configurations at the report's shape."""
     fc, bc = forward.default_config(DTYPE), backward.default_config(DTYPE)
-    sc, cc, mc = select.SelectConfig(), compact.CompactConfig(), merge.MergeConfig()
+    sc, cc, mc = select.DEFAULT_CONFIG, compact.DEFAULT_CONFIG, merge.DEFAULT_CONFIG
     h = _ptr(DTYPE)
     # The vocabulary slice of a 132-SM H100 at N=8192 (the launcher computes it from the device).
     splits = max(1, triton.cdiv(forward.PROGRAMS_PER_SM * 132, triton.cdiv(N, fc.block_n)))

@@ -1,0 +1,183 @@
+"""The triton backend (kernels under TRITON_INTERPRET=1 on CPU) against the reference and the fp64 truth.
+
+Every parity check goes through `cases.assert_parity`: identical kept set, counts and threshold
+source, and loss and every gradient no further from the fp64 truth than PyTorch in the same dtype
+plus a small tolerance, and within two roundings of the reference backend. Shapes are small and odd
+(65 tokens, D=24 or 40, V=97) against 16/32 tiles, so every tile loop ends in a partial tile.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import replace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from cases import IGNORE, Case, assert_parity, make_case, run
+from rho_fused.kernels import forward as forward_kernel
+
+import rho_fused
+from rho_fused.backends import triton as triton_backend
+from rho_fused.validation import make_problem
+
+pytestmark = pytest.mark.usefixtures("small_blocks")
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def _seed(*parts: object) -> int:
+    return zlib.crc32("-".join(map(str, parts)).encode())
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_dtypes_and_reductions(dtype, reduction):
+    # reduction="none" backpropagates the case's random per-token upstream gradient
+    case = make_case((5, 13), 24, 97, seed=_seed(dtype, reduction), bias=True)
+    assert_parity(case, "triton", dtype, keep_ratio=0.6, reduction=reduction)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("scope", ["batch", "sequence"])
+@pytest.mark.parametrize("keep_ratio", [1.0, 0.6, 0.01])
+@pytest.mark.parametrize("bias,softcap", [(False, None), (True, 4.0)])
+def test_scopes_ratios_bias_softcap(dtype, scope, keep_ratio, bias, softcap):
+    reduction = "none" if keep_ratio == 0.6 else "mean"
+    case = make_case((5, 13), 24, 97, seed=_seed(scope, keep_ratio, bias, softcap), bias=bias, softcap=softcap)
+    stats = assert_parity(
+        case, "triton", dtype, keep_ratio=keep_ratio, reduction=reduction, scope=scope, softcap=softcap
+    )
+    if keep_ratio == 0.01:  # a single token per group
+        assert (stats.n_kept == (stats.n_valid > 0).long()).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("softcap", [None, 2.5])
+def test_sum_with_bias_and_softcap(dtype, softcap):
+    case = make_case((4, 17), 40, 97, seed=_seed("sum", softcap), bias=True, softcap=softcap, ignore_frac=0.4)
+    assert_parity(case, "triton", dtype, keep_ratio=0.7, reduction="sum", scope="sequence", softcap=softcap)
+
+
+@pytest.mark.parametrize("ref", ["none", "random"])
+def test_flat_tokens(ref):
+    case = make_case((71,), 40, 97, seed=3, bias=True, ref=ref, ignore_frac=0.3)
+    assert_parity(case, "triton", torch.bfloat16, keep_ratio=0.6, reduction="none")
+
+
+@pytest.mark.parametrize("splits", [None, 3, 4])
+def test_vocabulary_splits(monkeypatch, splits):
+    """One slice (the CPU default), and uneven slices (97 = 3 x 32 + 1: the last is one column)."""
+    monkeypatch.setattr(
+        forward_kernel,
+        "default_config",
+        lambda dtype: forward_kernel.ForwardConfig(block_n=16, block_v=32, block_d=16, splits=splits),
+    )
+    case = make_case((3, 11), 24, 97, seed=_seed("splits", splits), bias=True)
+    assert_parity(case, "triton", torch.float32, keep_ratio=0.6, reduction="none")
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_all_ignored(reduction):
+    case = make_case((3, 9), 16, 33, bias=True, ignore_frac=1.0, ref="random")
+    assert (case.targets == IGNORE).all()
+    loss, grads, stats = run(case, "triton", reduction=reduction)
+    assert torch.isfinite(loss).all() and not loss.any()
+    for g in grads:
+        assert g is not None and torch.isfinite(g).all() and not g.any()
+    assert stats.n_kept.item() == 0 and stats.n_valid.item() == 0 and not stats.kept.any()
+    assert stats.threshold.item() == float("inf")
+
+
+def test_one_sequence_all_ignored():
+    """scope='sequence' with an empty group beside full ones: that group keeps nothing, threshold +inf."""
+    case = make_case((3, 9), 16, 33, seed=5, bias=False, ignore_frac=0.2)
+    targets = case.targets.clone()
+    targets[1] = IGNORE
+    case = make_case((3, 9), 16, 33, seed=5, bias=False, ignore_frac=0.0)
+    case = replace(case, targets=torch.where(targets == IGNORE, IGNORE, case.targets))
+    stats = assert_parity(case, "triton", torch.float32, keep_ratio=0.5, reduction="mean", scope="sequence")
+    assert stats.n_kept[1] == 0 and stats.threshold[1] == float("inf")
+    assert (stats.n_kept[[0, 2]] > 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("scope", ["batch", "sequence"])
+def test_exact_ties(dtype, scope):
+    """Every token has the same logits row (small dyadic values: every product and sum is exact), so
+    ce is the same float everywhere and excess = ce - ref ties exactly wherever ref does; the cut
+    falls inside a tie level, where the lower index must win."""
+    g = torch.Generator().manual_seed(11)
+    shape, dim, vocab = (4, 15), 16, 40
+    row = torch.randint(-3, 4, (dim,), generator=g).float() / 4
+    hidden = row.expand(*shape, dim).clone()
+    weight = torch.randint(-3, 4, (vocab, dim), generator=g).float() / 4
+    targets = torch.full(shape, 7)
+    targets[torch.rand(shape, generator=g) < 0.2] = IGNORE
+    ref_loss = torch.randint(0, 3, shape, generator=g).float() * 0.5  # three levels, many ties each
+    upstream = torch.randn(shape, generator=g)
+    case = Case(hidden, weight, None, targets, ref_loss, upstream).to(dtype)
+    stats = assert_parity(case, "triton", dtype, keep_ratio=0.6, reduction="none", scope=scope)
+    # the tie at the threshold is really split: some tokens at the threshold excess are dropped
+    at_threshold = (stats.excess == stats.threshold.reshape(-1, 1).expand(shape).reshape(shape)) & (targets != IGNORE)
+    assert (at_threshold & ~stats.kept).any() and (at_threshold & stats.kept).any()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_token_losses_and_linear_cross_entropy(dtype):
+    case = make_case((5, 13), 24, 97, seed=7, bias=True, softcap=3.0).to(dtype)
+    args = (case.hidden.detach(), case.weight.detach(), case.targets)
+    ce = rho_fused.token_losses(*args, bias=case.bias.detach(), softcap=3.0, backend="triton")
+    ce_ref = rho_fused.token_losses(*args, bias=case.bias.detach(), softcap=3.0, backend="reference")
+    assert ce.dtype == torch.float32 and ce.shape == case.targets.shape
+    assert not ce[case.targets == IGNORE].any()
+    torch.testing.assert_close(ce, ce_ref, rtol=1e-5, atol=1e-5)
+
+    # plain fused cross-entropy equals F.cross_entropy on the fp32 logits of the same inputs
+    loss = rho_fused.linear_cross_entropy(*args, bias=case.bias.detach(), backend="triton")
+    z = case.hidden.detach().float() @ case.weight.detach().float().T + case.bias.detach().float()
+    expected = F.cross_entropy(z.flatten(0, 1), case.targets.flatten(), ignore_index=IGNORE)
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_gradient_only_where_asked():
+    """Weight frozen: the backward computes d hidden alone and weight gets no gradient."""
+    case = make_case((2, 9), 24, 50, seed=9, bias=False)
+    hidden = case.hidden.detach().requires_grad_(True)
+    weight = case.weight.detach()
+    loss = rho_fused.fused_selective_loss(hidden, weight, case.targets, case.ref_loss, backend="triton")
+    loss.backward()
+    hidden_ref = case.hidden.detach().requires_grad_(True)
+    rho_fused.fused_selective_loss(hidden_ref, weight, case.targets, case.ref_loss, backend="reference").backward()
+    torch.testing.assert_close(hidden.grad, hidden_ref.grad, rtol=1e-5, atol=1e-6)
+    assert weight.grad is None
+
+
+def test_no_host_sync(monkeypatch):
+    """Forward and backward never read a tensor value on the host (the CUDA graph requirement).
+
+    Validation (`make_problem`) reads values by design and runs before; from the backend call on,
+    any ``.item()``, ``bool(t)``, ``.tolist()``, ``.nonzero()`` or ``.cpu()`` raises."""
+    case = make_case((3, 11), 24, 97, seed=13, bias=True)
+    p = make_problem(
+        case.hidden, case.weight, case.targets, case.ref_loss, keep_ratio=0.6, bias=case.bias,
+        ignore_index=IGNORE, reduction="none", scope="sequence", softcap=None,
+    )  # fmt: skip
+
+    def forbidden(name):
+        def fail(*args, **kwargs):
+            raise AssertionError(f"host synchronisation: Tensor.{name} called in the triton backend")
+
+        return fail
+
+    with monkeypatch.context() as m:
+        for name in ("item", "__bool__", "tolist", "nonzero", "cpu"):
+            m.setattr(torch.Tensor, name, forbidden(name))
+        loss, stats = triton_backend.selective_loss(p)
+        loss.backward(case.upstream)
+    loss_ref, stats_ref = rho_fused.backends.reference.selective_loss(
+        replace(p, hidden=p.hidden.detach(), weight=p.weight.detach(), bias=p.bias.detach())
+    )
+    assert torch.equal(stats.kept, stats_ref.kept)
+    torch.testing.assert_close(loss, loss_ref, rtol=1e-5, atol=1e-6)
+    assert case.hidden.grad is not None and case.weight.grad is not None and case.bias.grad is not None
