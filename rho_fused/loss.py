@@ -24,6 +24,7 @@ def fused_selective_loss(
     softcap: float | None = None,
     backend: str = "auto",
     return_stats: bool = False,
+    group: torch.distributed.ProcessGroup | None = None,
 ) -> Tensor | tuple[Tensor, SelectionStats]:
     """Selective language-modelling loss (Rho-1) of an LM head, without materialising the logits.
 
@@ -38,7 +39,8 @@ def fused_selective_loss(
     3. ``ce_i = logsumexp(z_i) - z_i[targets_i]`` for valid tokens.
     4. ``excess_i = ce_i - ref_loss_i`` for valid tokens (``excess_i = ce_i`` when ``ref_loss`` is None).
     5. In each selection group (``scope="batch"``: every token of the call; ``"sequence"``: each
-       row of ``[B, T]`` targets), ``n_keep = ceil(keep_ratio * n_valid)``, at least 1 when
+       row of ``[B, T]`` targets; ``"global"``: every token of the call on every rank of the
+       process group ``group``, in rank order), ``n_keep = ceil(keep_ratio * n_valid)``, at least 1 when
        ``n_valid >= 1``, computed exactly: ``keep_ratio`` is read as the nearest fraction with
        denominator at most 10^6, so 0.7 of 10 valid tokens keeps exactly 7. The kept set is the
        ``n_keep`` valid tokens with the largest excess; ties go to the lower flattened index.
@@ -47,6 +49,14 @@ def fused_selective_loss(
        count); ``"sum"``: the sum; ``"none"``: ``ce_i * kept_i`` in the shape of ``targets``.
     7. Gradients flow through ``ce_i`` of kept tokens only; the selection is a constant, and
        ``ref_loss`` receives no gradient.
+
+    ``scope="global"`` (torch.distributed initialised; ``group`` defaults to the default group):
+    every rank calls with its own tokens and gets the exact global selection, found by summing
+    radix-select histograms across ranks (excess compared in fp32). With ``mean``, each rank
+    returns ``sum(ce of its kept tokens) / n_keep_global``, so the sum over ranks is the global
+    loss, each rank's gradient of its own ``hidden`` is exact, and the global gradient of shared
+    weights is the *sum* of the ranks' gradients: DDP averages gradients, so a DDP user multiplies
+    the loss by the world size. A rank with no valid token still joins every collective.
 
     With no valid token the loss is 0 and every gradient is 0. With ``ref_loss=None`` and
     ``keep_ratio=1.0`` the result equals ``F.cross_entropy(hidden @ weight.T + bias, targets)``.
@@ -61,7 +71,7 @@ def fused_selective_loss(
     problem = make_problem(
         hidden, weight, targets, ref_loss,
         keep_ratio=keep_ratio, bias=bias, ignore_index=ignore_index,
-        reduction=reduction, scope=scope, softcap=softcap,
+        reduction=reduction, scope=scope, softcap=softcap, group=group,
     )  # fmt: skip
     loss, stats = backends.resolve(backend, hidden.device).selective_loss(problem)
     return (loss, stats) if return_stats else loss
@@ -130,6 +140,7 @@ class SelectiveLMLoss(nn.Module):
         scope: str = "batch",
         softcap: float | None = None,
         backend: str = "auto",
+        group: torch.distributed.ProcessGroup | None = None,
     ) -> None:
         super().__init__()
         self.keep_ratio = keep_ratio
@@ -138,6 +149,7 @@ class SelectiveLMLoss(nn.Module):
         self.scope = scope
         self.softcap = softcap
         self.backend = backend
+        self.group = group
 
     def forward(
         self,
@@ -152,7 +164,7 @@ class SelectiveLMLoss(nn.Module):
             hidden, weight, targets, ref_loss,
             keep_ratio=self.keep_ratio, bias=bias, ignore_index=self.ignore_index,
             reduction=self.reduction, scope=self.scope, softcap=self.softcap,
-            backend=self.backend, return_stats=return_stats,
+            backend=self.backend, return_stats=return_stats, group=self.group,
         )  # fmt: skip
 
     def extra_repr(self) -> str:

@@ -30,12 +30,13 @@ class LossProblem:
     targets: Tensor  # [N], int64
     ref_loss: Tensor | None  # [N], fp32 (fp64 for fp64 inputs); None: excess = ce
     shape: torch.Size  # leading shape of the caller's targets; reduction="none" returns it
-    scope: str  # "batch" | "sequence"
+    scope: str  # "batch" | "sequence" | "global"
     groups: int  # number of selection groups
     keep_ratio: float
     ignore_index: int
     reduction: str  # "mean" | "sum" | "none"
     softcap: float | None
+    group: object = None  # the process group of scope="global" (None: the default group)
 
     @property
     def compute_dtype(self) -> torch.dtype:
@@ -55,7 +56,8 @@ class SelectionStats:
     ``ce`` and ``excess`` have the shape of ``targets`` (0 at ignored tokens); ``kept`` is the
     boolean mask of kept tokens. ``threshold`` is the smallest kept excess of each selection
     group (``+inf`` where nothing is kept); ``n_kept`` and ``n_valid`` count tokens per group.
-    For ``scope="batch"`` these three are scalars, for ``scope="sequence"`` they have shape ``[B]``.
+    For ``scope="batch"`` these three are scalars, for ``scope="sequence"`` they have shape ``[B]``,
+    for ``scope="global"`` they are scalars counted over all ranks.
     """
 
     ce: Tensor
@@ -83,7 +85,7 @@ def make_stats(
     p: LossProblem, ce: Tensor, excess: Tensor, kept: Tensor, threshold: Tensor, n_kept: Tensor, n_valid: Tensor
 ) -> SelectionStats:
     """Detached stats in the caller's shapes; per-group values are scalars for ``scope="batch"``."""
-    if p.scope == "batch":
+    if p.scope != "sequence":
         threshold, n_kept, n_valid = threshold.reshape(()), n_kept.reshape(()), n_valid.reshape(())
     return SelectionStats(
         ce=ce.detach().reshape(p.shape),

@@ -12,6 +12,8 @@ from fractions import Fraction
 import torch
 from torch import Tensor
 
+from .problem import LossProblem
+
 # keep_ratio is read as the nearest fraction p / q with q <= this bound, so that a decimal
 # ratio means what it says: 0.7 is 7/10 exactly, and 0.7 of 10 tokens keeps 7, never 8.
 MAX_DENOMINATOR = 1_000_000
@@ -58,3 +60,13 @@ def select_top(excess: Tensor, valid: Tensor, keep_ratio: float) -> tuple[Tensor
     else:
         threshold = excess.masked_fill(~kept, float("inf")).amin(dim=1)
     return kept, threshold, n_keep, n_valid
+
+
+def select(p: LossProblem, excess: Tensor, valid: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Step 5 over the flattened tokens of ``p``: ``(kept [N], threshold, n_keep, n_valid)`` per group."""
+    if p.scope == "global":
+        from .distributed import global_select
+
+        return global_select(excess, valid, p.keep_ratio, p.group)
+    kept, threshold, n_keep, n_valid = select_top(excess.view(p.groups, -1), valid.view(p.groups, -1), p.keep_ratio)
+    return kept.reshape(-1), threshold, n_keep, n_valid

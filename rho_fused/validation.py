@@ -14,7 +14,7 @@ from .problem import LossProblem
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 REDUCTIONS = ("mean", "sum", "none")
-SCOPES = ("batch", "sequence")
+SCOPES = ("batch", "sequence", "global")
 
 
 def _check_tensor(name: str, value: object) -> Tensor:
@@ -35,6 +35,7 @@ def make_problem(
     reduction: str,
     scope: str,
     softcap: float | None,
+    group: object = None,
 ) -> LossProblem:
     """Check the arguments of a loss call and flatten them into a `LossProblem`."""
     hidden = _check_tensor("hidden", hidden)
@@ -93,6 +94,10 @@ def make_problem(
         raise ValueError(
             f"scope='sequence' needs [B, T] targets (hidden [B, T, D]), got targets of shape {tuple(targets.shape)}"
         )
+    if scope == "global" and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        raise ValueError("scope='global' selects over all ranks and needs torch.distributed to be initialised")
+    if group is not None and scope != "global":
+        raise ValueError(f"group is only used with scope='global', got scope={scope!r}")
     if softcap is not None and not (isinstance(softcap, (int, float)) and math.isfinite(softcap) and softcap > 0):
         raise ValueError(f"softcap must be None or a finite number > 0, got {softcap!r}")
 
@@ -111,6 +116,7 @@ def make_problem(
         ignore_index=int(ignore_index),
         reduction=reduction,
         softcap=None if softcap is None else float(softcap),
+        group=group,
     )
     check_values(problem)
     return problem

@@ -19,7 +19,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from ..problem import LossProblem, SelectionStats, make_stats, reduce_loss
-from ..selection import select_top
+from ..selection import select
 
 # Working memory for one chunk's logits-sized buffers; the chunk's row count follows from it.
 CHUNK_BUDGET_BYTES = 64 * 2**20
@@ -103,8 +103,7 @@ class _SelectiveLoss(torch.autograd.Function):
         ce, lse = _forward(p)
         valid = p.valid
         excess = ce if p.ref_loss is None else torch.where(valid, ce - p.ref_loss, torch.zeros_like(ce))
-        kept, threshold, n_kept, n_valid = select_top(excess.view(p.groups, -1), valid.view(p.groups, -1), p.keep_ratio)
-        kept = kept.reshape(-1)
+        kept, threshold, n_kept, n_valid = select(p, excess, valid)
         loss = reduce_loss(p, torch.where(kept, ce, torch.zeros_like(ce)), n_kept)
 
         ctx.problem = replace(p, hidden=None, weight=None, bias=None)

@@ -6,6 +6,7 @@ Clarity over speed; every other backend is tested against this one.
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from ..problem import LossProblem, SelectionStats, make_stats, reduce_loss
@@ -45,6 +46,19 @@ def _select(excess: Tensor, valid: Tensor, keep_ratio: float) -> tuple[Tensor, T
     return kept, torch.tensor(threshold, dtype=excess.dtype), torch.tensor(n_keep)
 
 
+def _select_global(p: LossProblem, excess: Tensor, valid: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Step 5 over the tokens of every rank in rank order: gather them all, select, keep our slice."""
+    world = dist.get_world_size(p.group)
+    gathered: list = [None] * world
+    dist.all_gather_object(gathered, (excess.tolist(), valid.tolist()), group=p.group)
+    all_excess = torch.tensor([x for e, _ in gathered for x in e], dtype=excess.dtype)
+    all_valid = torch.tensor([x for _, v in gathered for x in v], dtype=torch.bool)
+    kept, threshold, n_kept = _select(all_excess, all_valid, p.keep_ratio)
+    start = sum(len(e) for e, _ in gathered[: dist.get_rank(p.group)])
+    kept = kept[start : start + excess.shape[0]].to(excess.device)
+    return kept, threshold.to(excess.device), n_kept.to(excess.device), all_valid.sum().to(excess.device)
+
+
 def selective_loss(p: LossProblem) -> tuple[Tensor, SelectionStats]:
     """Steps 1 to 7; gradients come from autograd through the kept tokens' ``ce`` (step 7)."""
     ce = _cross_entropy(p)
@@ -52,13 +66,17 @@ def selective_loss(p: LossProblem) -> tuple[Tensor, SelectionStats]:
     excess = ce.detach() if p.ref_loss is None else ce.detach() - p.ref_loss
     excess = torch.where(valid, excess, torch.zeros_like(excess))
 
-    groups = [
-        _select(e, v, p.keep_ratio) for e, v in zip(excess.view(p.groups, -1), valid.view(p.groups, -1), strict=True)
-    ]
-    kept = torch.cat([g[0] for g in groups]).to(ce.device)
-    threshold = torch.stack([g[1] for g in groups]).to(ce.device)
-    n_kept = torch.stack([g[2] for g in groups]).to(ce.device)
-    n_valid = valid.view(p.groups, -1).sum(dim=1)
+    if p.scope == "global":
+        kept, threshold, n_kept, n_valid = _select_global(p, excess, valid)
+    else:
+        groups = [
+            _select(e, v, p.keep_ratio)
+            for e, v in zip(excess.view(p.groups, -1), valid.view(p.groups, -1), strict=True)
+        ]
+        kept = torch.cat([g[0] for g in groups]).to(ce.device)
+        threshold = torch.stack([g[1] for g in groups]).to(ce.device)
+        n_kept = torch.stack([g[2] for g in groups]).to(ce.device)
+        n_valid = valid.view(p.groups, -1).sum(dim=1)
 
     per_token = torch.where(kept, ce, torch.zeros_like(ce))  # step 7: the mask is a constant
     loss = reduce_loss(p, per_token, n_kept)
