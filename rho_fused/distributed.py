@@ -4,7 +4,8 @@ The ``n_keep``-th largest excess over all ranks is found by a radix select on or
 integer keys: four passes of 8 bits, each summing a 256-bin histogram across ranks with one
 ``all_reduce``, so the traffic does not grow with the world size. Ties at the threshold go to
 the lower global index (rank order, then position), which needs each rank's tie count.
-Every rank runs every collective, including a rank with no valid token.
+Every rank runs every collective, including a rank with no valid token; apart from
+the collectives themselves nothing here reads a value back to the host.
 """
 
 from __future__ import annotations
@@ -54,7 +55,9 @@ def global_select(
     threshold = torch.zeros_like(n_keep)
     for shift in range(32 - DIGIT_BITS, -1, -DIGIT_BITS):
         digit = (keys >> shift) & ((1 << DIGIT_BITS) - 1)
-        hist = torch.bincount(digit[candidates], minlength=1 << DIGIT_BITS)
+        # Scatter-add of the candidate mask, not bincount of the masked digits: no host sync.
+        hist = torch.zeros(1 << DIGIT_BITS, dtype=torch.int64, device=keys.device)
+        hist.scatter_add_(0, digit, candidates.long())
         dist.all_reduce(hist, group=group)
         # at_least[d] = candidates whose digit is >= d; the threshold's digit is the largest d
         # with at_least[d] >= remaining, and the candidates above it are all kept.
