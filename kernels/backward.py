@@ -87,7 +87,7 @@ def backward_kernel(
         dz = dz * (1.0 - t * t)
     dz = tl.where(row_mask[:, None] & col_mask[None, :], dz, 0.0)
     if NEED_DB:
-        tl.atomic_add(DB + cols, tl.sum(dz, axis=0), mask=col_mask)
+        tl.atomic_add(DB + cols, tl.sum(dz, axis=0), mask=col_mask, sem="relaxed")
     dz_in = dz.to(H.dtype.element_ty)  # the input dtype, so the two matmuls below use the tensor cores
 
     # dH[rows, d-block] += dz @ W[cols, d-block];  dW[cols, d-block] += dz.T @ H[rows, d-block]
@@ -97,11 +97,15 @@ def backward_kernel(
         if NEED_DH:
             w = tl.load(W + cols[:, None] * D + dcols[None, :], mask=col_mask[:, None] & dmask[None, :], other=0.0)
             dh = tl.dot(dz_in, w, input_precision=DOT_PRECISION)
-            tl.atomic_add(DH + rows[:, None] * D + dcols[None, :], dh, mask=row_mask[:, None] & dmask[None, :])
+            tl.atomic_add(
+                DH + rows[:, None] * D + dcols[None, :], dh, mask=row_mask[:, None] & dmask[None, :], sem="relaxed"
+            )
         if NEED_DW:
             h = tl.load(H + rows[:, None] * D + dcols[None, :], mask=row_mask[:, None] & dmask[None, :], other=0.0)
             dw = tl.dot(tl.trans(dz_in), h, input_precision=DOT_PRECISION)
-            tl.atomic_add(DW + cols[:, None] * D + dcols[None, :], dw, mask=col_mask[:, None] & dmask[None, :])
+            tl.atomic_add(
+                DW + cols[:, None] * D + dcols[None, :], dw, mask=col_mask[:, None] & dmask[None, :], sem="relaxed"
+            )
 
 
 @dataclass(frozen=True)
