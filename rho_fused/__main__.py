@@ -1,0 +1,7 @@
+"""``python -m rho_fused``: the ``rho-fused`` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,170 @@
+"""The ``rho-fused`` command: ``score``, ``train`` and ``demo`` (also ``python -m rho_fused``)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _device(name: str | None) -> str:
+    import torch
+
+    return name or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _tokenizer(path: str | None, *fallbacks: str | None) -> Any:
+    from transformers import AutoTokenizer
+
+    for candidate in (path, *fallbacks):
+        if candidate:
+            return AutoTokenizer.from_pretrained(candidate)
+    raise SystemExit("error: no tokenizer: pass --tokenizer")
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    """Score a corpus with a reference model into a dataset with ``input_ids`` and ``ref_loss``."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from .data import corpus_rows, load_corpus
+    from .scoring import score_corpus
+
+    tokenizer = _tokenizer(args.tokenizer, args.ref_model)
+    model = AutoModelForCausalLM.from_pretrained(args.ref_model, dtype=getattr(torch, args.dtype))
+    model.to(_device(args.device))
+    rows = corpus_rows(load_corpus(args.corpus), tokenizer, args.seq_len, text_column=args.text_column)
+    meta = score_corpus(
+        model, tokenizer, rows, args.out,
+        seq_len=args.seq_len, batch_size=args.batch_size, backend=args.backend,
+        overwrite=args.overwrite, progress=not args.no_progress,
+    )  # fmt: skip
+    print(
+        f"scored {meta['n_sequences']} sequences ({meta['n_tokens']} tokens) -> {args.out}; "
+        f"mean ref_loss {meta['mean_ref_loss']:.4f}; tokenizer {meta['tokenizer_fingerprint']}, "
+        f"reference {meta['reference_fingerprint']}"
+    )
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Train a causal LM with SLM (or plain causal LM with ``--keep-ratio 1``) on a scored dataset."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .atomic import write_json
+    from .scoring import load_scored
+    from .training import TrainConfig, save_model, train
+
+    tokenizer = _tokenizer(args.tokenizer, args.model, args.config)
+    data, meta = load_scored(args.data, tokenizer)  # refuses a corpus scored with another tokenizer
+    eval_data = load_scored(args.eval_data, tokenizer)[0] if args.eval_data else None
+    torch.manual_seed(args.seed)
+    if args.model:
+        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    else:
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(args.config))
+    vocab = model.get_output_embeddings().weight.shape[0]
+    if len(tokenizer) > vocab:
+        raise SystemExit(f"error: the tokenizer has {len(tokenizer)} tokens, more than the model's vocabulary {vocab}")
+    model.to(_device(args.device))
+    cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
+    history = train(
+        model, data, cfg, out_dir=args.out, eval_data=eval_data,
+        resume=args.resume, stop_at=args.stop_at, progress=not args.no_progress,
+    )  # fmt: skip
+    write_json(Path(args.out) / "history.json", history)
+    if args.stop_at is not None and args.stop_at < cfg.steps:
+        print(f"stopped at step {args.stop_at}; continue with --resume")
+        return 0
+    info = {"config": dataclasses.asdict(cfg), "data": str(args.data), "scored": meta}
+    save_model(model, tokenizer, Path(args.out) / "model", extra=info)
+    last = history[-1] if history else {}
+    print(f"trained {cfg.steps} steps -> {Path(args.out) / 'model'}; last log: "
+          + ", ".join(f"{k} {v:.4g}" for k, v in last.items()))  # fmt: skip
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """The whole pipeline on CPU on the champ-dataset corpus (see `rho_fused.demo`)."""
+    from .demo import run_demo
+
+    run_demo(args.out, quick=args.quick, seed=args.seed, progress=not args.no_progress)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .training import TrainConfig
+
+    parser = argparse.ArgumentParser(prog="rho-fused", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("score", help="score a corpus with a reference model (per-token ref_loss)")
+    p.add_argument("--ref-model", required=True, help="reference model: a saved Hugging Face model directory or name")
+    p.add_argument("--corpus", required=True, help="save_to_disk directory, or .jsonl/.json/.parquet/.csv/.txt file")
+    p.add_argument("--out", required=True, help="output directory of the scored dataset")
+    p.add_argument("--tokenizer", help="tokenizer directory or name (default: the reference model's)")
+    p.add_argument("--seq-len", type=int, default=1024, help="tokens per sequence (default 1024)")
+    p.add_argument("--text-column", default="text", help="text column when the corpus has no input_ids")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype of the reference model")
+    p.add_argument("--backend", default="auto", help="loss backend: auto, chunked, triton, reference")
+    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_score)
+
+    d = TrainConfig()
+    p = sub.add_parser("train", help="train a causal LM with SLM (or plain CLM with --keep-ratio 1)")
+    p.add_argument("--data", required=True, help="scored dataset from `rho-fused score`")
+    p.add_argument("--out", required=True, help="output directory: checkpoint/, model/, history.json")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", help="start from this pretrained model (directory or name)")
+    src.add_argument("--config", help="start from a fresh model of this config (directory or name)")
+    p.add_argument("--tokenizer", help="tokenizer (default: the --model / --config one); must match the data's")
+    p.add_argument("--eval-data", help="scored dataset to evaluate on (mean loss of every token)")
+    p.add_argument("--keep-ratio", type=float, default=0.6, help="fraction of tokens kept (1: plain CLM)")
+    p.add_argument("--scope", choices=("batch", "sequence"), default=d.scope)
+    p.add_argument("--steps", type=int, default=d.steps)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--accum-steps", type=int, default=d.accum_steps, help="micro-batches per optimizer step")
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--min-lr", type=float, default=d.min_lr)
+    p.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--beta1", type=float, default=d.beta1)
+    p.add_argument("--beta2", type=float, default=d.beta2)
+    p.add_argument("--grad-clip", type=float, default=d.grad_clip)
+    p.add_argument("--seed", type=int, default=d.seed, help="seeds the initialisation and the data order")
+    p.add_argument("--backend", default=d.backend)
+    p.add_argument("--log-every", type=int, default=d.log_every)
+    p.add_argument("--eval-every", type=int, default=d.eval_every)
+    p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
+    p.add_argument("--stop-at", type=int, help="stop after this step (with a checkpoint), as if interrupted")
+    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("demo", help="the whole pipeline on CPU on the champ-dataset math corpus")
+    p.add_argument("--out", default="out/demo", help="output directory (default out/demo)")
+    p.add_argument("--quick", action="store_true", help="a smoke-test run under a minute")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``rho-fused`` console script and of ``python -m rho_fused``."""
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
