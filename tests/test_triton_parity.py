@@ -181,3 +181,16 @@ def test_no_host_sync(monkeypatch):
     assert torch.equal(stats.kept, stats_ref.kept)
     torch.testing.assert_close(loss, loss_ref, rtol=1e-5, atol=1e-6)
     assert case.hidden.grad is not None and case.weight.grad is not None and case.bias.grad is not None
+
+
+def test_cpu_without_interpreter_is_a_named_error(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    case = make_case((2, 5), 16, 33, seed=1)
+    with pytest.raises(RuntimeError, match="backend='triton' needs CUDA tensors"):
+        rho_fused.fused_selective_loss(case.hidden, case.weight, case.targets, case.ref_loss, backend="triton")
+
+
+def test_fp64_goes_to_the_chunked_backend():
+    """The kernels accumulate in fp32; fp64 inputs get the fp64 contract from the chunked backend."""
+    case = make_case((2, 9), 16, 33, seed=4, bias=True)
+    assert_parity(case, "triton", torch.float64, keep_ratio=0.6, reduction="none")

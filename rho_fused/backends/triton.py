@@ -14,6 +14,7 @@ kernels accumulate in fp32, and the contract asks fp64 for fp64.
 
 from __future__ import annotations
 
+import os
 from dataclasses import replace
 
 import torch
@@ -31,6 +32,16 @@ from ..selection import keep_fraction
 from . import chunked
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _check_device(p: LossProblem) -> None:
+    """The kernels run on CUDA, or anywhere under Triton's interpreter (``TRITON_INTERPRET=1``)."""
+    if p.hidden.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError(
+            f"backend='triton' needs CUDA tensors, got tensors on {p.hidden.device}; use backend='chunked' "
+            "(or 'auto') there, or set TRITON_INTERPRET=1 before importing triton to run the kernels "
+            "in Triton's interpreter"
+        )
 
 
 def _forward(p: LossProblem) -> tuple[Tensor, Tensor, Tensor]:
@@ -86,6 +97,7 @@ def selective_loss(p: LossProblem) -> tuple[Tensor, SelectionStats]:
     """The contract's loss; autograd runs the kept-rows-only backward kernel."""
     if p.hidden.dtype not in KERNEL_DTYPES:
         return chunked.selective_loss(p)
+    _check_device(p)
     loss, ce, excess, kept, threshold, n_kept, n_valid = _SelectiveLoss.apply(p.hidden, p.weight, p.bias, p)
     return loss, make_stats(p, ce, excess, kept, threshold, n_kept, n_valid)
 
@@ -95,4 +107,5 @@ def token_losses(p: LossProblem) -> Tensor:
     """Per-token cross-entropy, fp32, 0 at ignored tokens: the forward kernels alone."""
     if p.hidden.dtype not in KERNEL_DTYPES:
         return chunked.token_losses(p)
+    _check_device(p)
     return _forward(p)[0]
