@@ -163,7 +163,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``rho-fused`` console script and of ``python -m rho_fused``."""
     args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    from .scoring import FingerprintMismatchError
+
+    try:
+        return int(args.func(args) or 0)
+    except (FingerprintMismatchError, FileNotFoundError, FileExistsError) as e:
+        print(f"rho-fused {args.command}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
