@@ -7,9 +7,10 @@ list of kept rows. Backward: one kernel over the kept rows only (`.backward`), r
 logits tile once and accumulating d hidden, d weight and d bias in fp32.
 
 Every size the launches depend on is a shape; counts (valid rows, ``n_keep``, kept rows) stay on
-the device, so forward and backward run under CUDA graphs. On CPU the kernels run under
-``TRITON_INTERPRET=1`` (how the tests prove them). fp64 inputs go to the chunked backend: the
-kernels accumulate in fp32, and the contract asks fp64 for fp64.
+the device, so forward and backward run under CUDA graphs. ``scope="global"`` selects with
+`rho_fused.distributed` (torch ops and one all_reduce per radix digit) instead of the select
+kernel. On CPU the kernels run under ``TRITON_INTERPRET=1`` (how the tests prove them). fp64
+inputs go to the chunked backend: the kernels accumulate in fp32, and the contract asks fp64.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from rho_fused.kernels.select import select
 
 from ..problem import LossProblem, SelectionStats, make_stats, reduce_loss
 from ..selection import keep_fraction
+from ..selection import select as select_torch
 from . import chunked
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -56,22 +58,28 @@ class _SelectiveLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, p: LossProblem):  # type: ignore[override]
         ce, lse, excess = _forward(p)
-        kept, threshold, n_kept, n_valid = select(
-            excess, p.targets, p.groups, p.ignore_index, keep_fraction(p.keep_ratio)
-        )
+        if p.scope == "global":
+            # Across ranks: the radix select of rho_fused.distributed, its histograms summed by
+            # all_reduce between passes (torch ops on the device, no host read-back).
+            kept, threshold, n_kept, n_valid = select_torch(p, excess, p.valid)
+        else:
+            kept, threshold, n_kept, n_valid = select(
+                excess, p.targets, p.groups, p.ignore_index, keep_fraction(p.keep_ratio)
+            )
         n_kept, n_valid = n_kept.long(), n_valid.long()
         loss = reduce_loss(p, torch.where(kept, ce, torch.zeros_like(ce)), n_kept)
         kept_rows, kept_count = compact(kept)
 
-        ctx.problem = replace(p, hidden=None, weight=None, bias=None)
-        ctx.save_for_backward(hidden, weight, bias, lse, kept_rows, kept_count)
+        ctx.problem = replace(p, hidden=None, weight=None, bias=None, group=None)
+        # "mean" divides by the total kept count of every group (over all ranks for scope="global")
+        ctx.save_for_backward(hidden, weight, bias, lse, kept_rows, kept_count, n_kept.sum())
         ctx.mark_non_differentiable(ce, excess, kept, threshold, n_kept, n_valid)
         return loss, ce, excess, kept, threshold, n_kept, n_valid
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_loss: Tensor, *_unused: Tensor):  # type: ignore[override]
-        hidden, weight, bias, lse, kept_rows, kept_count = ctx.saved_tensors
+        hidden, weight, bias, lse, kept_rows, kept_count, n_keep_total = ctx.saved_tensors
         p = ctx.problem
         # g_i, the upstream gradient of token i's term: per token for "none", one value otherwise
         # (divided by the total kept count for "mean"; the count stays on the device).
@@ -81,7 +89,7 @@ class _SelectiveLoss(torch.autograd.Function):
         elif p.reduction == "sum":
             g = grad_loss.reshape(1)
         else:
-            g = (grad_loss / kept_count.clamp(min=1)).reshape(1)
+            g = (grad_loss / n_keep_total.clamp(min=1)).reshape(1)
         dh, dw, db = backward_kernel(
             hidden, weight, bias, p.targets, lse, g, kept_rows, kept_count, p.softcap, ctx.needs_input_grad[:3]
         )
