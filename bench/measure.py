@@ -1,0 +1,141 @@
+"""Timing, the matmul rate, and peak memory, each the way `bench/run.py` reports it.
+
+Times: forward+backward of one step, methods alternating within each repetition after a warm-up,
+medians over repetitions. Rate: ``torch.mm`` of an ``[m, D] @ [D, V]`` LM-head product into a
+preallocated output, timed in the same alternation. Memory: one step in a fresh process
+(`peak_growth_child`): the resident-set high-water mark minus the resident set once the inputs
+exist (CPU), or ``torch.cuda.max_memory_allocated`` minus the allocated bytes (CUDA).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import gc
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from methods import Inputs, step
+
+HERE = Path(__file__).resolve().parent
+
+# Large allocations straight from mmap and back to the OS on free, so that the resident set
+# tracks the bytes a method holds rather than what glibc's heap keeps for later.
+CHILD_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
+
+
+def synchronize(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn: Callable[[], object], device: str) -> float:
+    """Seconds for one call of ``fn``."""
+    synchronize(device)
+    start = time.perf_counter()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def flop_floor(n: int, d: int, v: int, keep_ratio: float, task: str) -> float:
+    """Matmul flops a fused loss cannot avoid for forward+backward.
+
+    SLM: ``(2 + 6 r) N D V`` (logits of every token, then recompute, ``d hidden`` and ``d weight``
+    for the kept ones). Plain CE: ``6 N D V`` (logits, ``d hidden``, ``d weight`` of every token).
+    """
+    return (2 + 6 * keep_ratio) * n * d * v if task == "slm" else 6.0 * n * d * v
+
+
+class MatmulRate:
+    """``torch.mm([m, D] @ [D, V])`` into a preallocated output; ``m = min(N, 1024)``."""
+
+    def __init__(self, x: Inputs) -> None:
+        m = min(x.hidden.shape[0], 1024)
+        self.a = x.hidden.detach()[:m]
+        self.b = x.weight.detach().T
+        self.out = torch.empty(m, x.weight.shape[0], device=x.hidden.device)
+        self.flops = 2.0 * m * self.a.shape[1] * self.b.shape[1]
+
+    def __call__(self) -> None:
+        torch.mm(self.a, self.b, out=self.out)
+
+
+def time_methods(
+    x: Inputs, methods: list[str], tasks: list[str], reps: int, device: str
+) -> tuple[dict[tuple[str, str], list[float]], list[float]]:
+    """Times of every ``(method, task)`` and matmul rates (flop/s), all alternating per repetition."""
+    rate = MatmulRate(x)
+    jobs: dict[tuple[str, str], Callable[[], None]] = {
+        (m, t): (lambda m=m, t=t: step(m, x, t)) for t in tasks for m in methods
+    }
+    for job in jobs.values():  # warm-up: compilation, first-touch of pages, library buffers
+        job()
+    rate()
+    times: dict[tuple[str, str], list[float]] = {k: [] for k in jobs}
+    rates: list[float] = []
+    for _ in range(reps):
+        rates.append(rate.flops / timed(rate, device))
+        for key, job in jobs.items():
+            times[key].append(timed(job, device))
+    x.zero_grad()
+    return times, rates
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs)
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        match = re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.MULTILINE)
+    assert match is not None, field
+    return int(match.group(1))
+
+
+def _release_memory() -> None:
+    gc.collect()
+    with contextlib.suppress(OSError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def peak_growth_child(method: str, task: str, n: int, d: int, v: int, keep_ratio: float, device: str) -> float:
+    """In this (fresh) process: peak memory growth of one forward+backward, in MiB.
+
+    A small warm-up step first (library buffers, compilation) so that the measured step holds
+    only what the method needs for this shape, gradients included.
+    """
+    step(method, Inputs.make(64, d, min(v, 4096), keep_ratio, device), task)
+    x = Inputs.make(n, d, v, keep_ratio, device)
+    _release_memory()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        step(method, x, task)
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - before) / 2**20
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset VmHWM to the current resident set
+    before = _status_kib("VmRSS")
+    step(method, x, task)
+    return (_status_kib("VmHWM") - before) / 1024
+
+
+def peak_growth(method: str, task: str, n: int, d: int, v: int, keep_ratio: float, device: str) -> float:
+    """`peak_growth_child` run in a process of its own; NaN if the child fails."""
+    cmd = [sys.executable, str(HERE / "run.py"), "--memory-child", json.dumps([method, task, n, d, v, keep_ratio])]
+    cmd += ["--device", device]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **CHILD_ENV}, check=False)
+    if proc.returncode != 0:
+        print(f"memory child failed for {method}/{task}: {proc.stderr.strip()[-500:]}", file=sys.stderr)
+        return float("nan")
+    return float(proc.stdout.strip().splitlines()[-1])
