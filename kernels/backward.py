@@ -81,13 +81,19 @@ def backward_kernel(
         H, W, B, rows, row_mask, cols, col_mask, D, softcap,
         HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, DOT_PRECISION,
     )  # fmt: skip
+    # The tile's g is divided by its largest |g_i| before the 16-bit cast, and the fp32 products
+    # multiplied back: fp16 has five exponent bits, and g = 1 / n_kept of a mean over many tokens
+    # times a small probability would underflow to zero. (Exact powers aside, this costs one
+    # rounding of g_i / g_scale in fp32, nothing in 16 bits.)
+    g_scale = tl.max(tl.abs(g), axis=0)
+    g_scale = tl.where(g_scale > 0.0, g_scale, 1.0)
     dz = tl.exp(z - lse[:, None]) - tl.where(cols[None, :] == tgt[:, None], 1.0, 0.0)
-    dz = dz * g[:, None]
+    dz = dz * (g / g_scale)[:, None]
     if HAS_SOFTCAP:
         dz = dz * (1.0 - t * t)
     dz = tl.where(row_mask[:, None] & col_mask[None, :], dz, 0.0)
     if NEED_DB:
-        tl.atomic_add(DB + cols, tl.sum(dz, axis=0), mask=col_mask, sem="relaxed")
+        tl.atomic_add(DB + cols, tl.sum(dz, axis=0) * g_scale, mask=col_mask, sem="relaxed")
     dz_in = dz.to(H.dtype.element_ty)  # the input dtype, so the two matmuls below use the tensor cores
 
     # dH[rows, d-block] += dz @ W[cols, d-block];  dW[cols, d-block] += dz.T @ H[rows, d-block]
@@ -96,13 +102,13 @@ def backward_kernel(
         dmask = dcols < D
         if NEED_DH:
             w = tl.load(W + cols[:, None] * D + dcols[None, :], mask=col_mask[:, None] & dmask[None, :], other=0.0)
-            dh = tl.dot(dz_in, w, input_precision=DOT_PRECISION)
+            dh = tl.dot(dz_in, w, input_precision=DOT_PRECISION) * g_scale
             tl.atomic_add(
                 DH + rows[:, None] * D + dcols[None, :], dh, mask=row_mask[:, None] & dmask[None, :], sem="relaxed"
             )
         if NEED_DW:
             h = tl.load(H + rows[:, None] * D + dcols[None, :], mask=row_mask[:, None] & dmask[None, :], other=0.0)
-            dw = tl.dot(tl.trans(dz_in), h, input_precision=DOT_PRECISION)
+            dw = tl.dot(tl.trans(dz_in), h, input_precision=DOT_PRECISION) * g_scale
             tl.atomic_add(
                 DW + cols[:, None] * D + dcols[None, :], dw, mask=col_mask[:, None] & dmask[None, :], sem="relaxed"
             )
