@@ -110,7 +110,7 @@ def doc_rows(docs: list[str], tokenizer: Any, seq_len: int) -> list[dict[str, np
 
 
 def token_page(model: Any, tokenizer: Any, rows: list[dict[str, np.ndarray]], keep_ratio: float) -> str:
-    """HTML: tokens of ``rows`` coloured by excess loss under ``model``; kept in green, dropped in red."""
+    """HTML: tokens of ``rows`` coloured by excess loss under ``model``; dropped tokens greyed out."""
     batch_ids = torch.as_tensor(np.stack([r["input_ids"] for r in rows]), dtype=torch.long)
     ref = torch.as_tensor(np.stack([r["ref_loss"] for r in rows]), dtype=torch.float32)
     with torch.no_grad():
@@ -119,29 +119,33 @@ def token_page(model: Any, tokenizer: Any, rows: list[dict[str, np.ndarray]], ke
     scale = float(stats.excess.abs().quantile(0.95)) or 1.0
     parts = [
         "<!doctype html><meta charset='utf-8'><title>rho-fused demo: kept and dropped tokens</title>",
-        "<style>body{font:14px/1.7 monospace;max-width:60em;margin:2em auto}span{border-radius:2px}"
-        "p{white-space:pre-wrap;border-bottom:1px solid #ccc;padding-bottom:1em}</style>",
+        "<style>body{font:14px/1.8 monospace;max-width:60em;margin:2em auto}p.t{white-space:pre-wrap;"
+        "border-bottom:1px solid #ccc;padding-bottom:1em}.k{border-bottom:2px solid #222}.d{color:#999}</style>",
         "<h1>Selective language modelling: which tokens are kept</h1>",
-        f"<p style='white-space:normal'>Model-written math text from CHAMP, scored by the reference model trained "
-        f"on human-written solutions. Colours: the excess loss (the SLM model's loss minus the reference's) at the "
-        f"end of SLM training; <b style='background:#6c6'>green: kept</b> (the top {keep_ratio:.0%} of each "
-        f"sequence by excess), <b style='background:#e88'>red: dropped</b>, darker means a larger |excess|. "
-        f"Hover a token for its numbers.</p>",
+        f"<p>Model-written math text from CHAMP (the noisy training corpus), scored by the reference model "
+        f"trained on human-written solutions. Background: the excess loss of each token, the SLM model's loss "
+        f"(at the end of its training) minus the reference model's; <span style='background:rgba(40,160,40,.6)'>"
+        f"green: positive</span> (the model still has to learn what the reference knows), "
+        f"<span style='background:rgba(220,60,60,.6)'>red: negative</span>, stronger for larger |excess|. "
+        f"<span class='k'>Underlined black</span>: kept (the top {keep_ratio:.0%} of each sequence by excess); "
+        f"<span class='d'>grey</span>: dropped, no gradient. Hover a token for its numbers.</p>",
     ]
     for b in range(batch_ids.shape[0]):
         spans = []
         for t in range(batch_ids.shape[1]):
             text = html.escape(tokenizer.decode([int(batch_ids[b, t])]))
             if t == 0:
-                spans.append(f"<span style='color:#888'>{text}</span>")
+                spans.append(f"<span class='d' title='first token: not predicted'>{text}</span>")
                 continue
             ex, kept = float(stats.excess[b, t]), bool(stats.kept[b, t])
-            alpha = min(1.0, 0.15 + 0.85 * abs(ex) / scale)
-            colour = f"rgba(60,170,60,{alpha:.2f})" if kept else f"rgba(220,70,70,{alpha:.2f})"
+            alpha = min(1.0, abs(ex) / scale) * 0.7
+            colour = f"rgba(40,160,40,{alpha:.2f})" if ex > 0 else f"rgba(220,60,60,{alpha:.2f})"
             tip = f"loss {float(stats.ce[b, t]):.2f}, ref {float(ref[b, t]):.2f}, excess {ex:+.2f}, "
             tip += "kept" if kept else "dropped"
-            spans.append(f"<span style='background:{colour}' title='{tip}'>{text}</span>")
-        parts.append("<p>" + "".join(spans) + "</p>")
+            spans.append(
+                f"<span class='{'k' if kept else 'd'}' style='background:{colour}' title='{tip}'>{text}</span>"
+            )
+        parts.append("<p class='t'>" + "".join(spans) + "</p>")
     return "\n".join(parts) + "\n"
 
 
