@@ -22,9 +22,9 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from rho_fused.kernels.backward import backward as backward_kernel
+from rho_fused.kernels.backward import backward as launch_backward
 from rho_fused.kernels.compact import compact
-from rho_fused.kernels.forward import forward as forward_kernel
+from rho_fused.kernels.forward import forward as launch_forward
 from rho_fused.kernels.merge import merge
 from rho_fused.kernels.select import select
 
@@ -49,7 +49,7 @@ def _check_device(p: LossProblem) -> None:
 def _forward(p: LossProblem) -> tuple[Tensor, Tensor, Tensor]:
     """``(ce, lse, excess)``, fp32 ``[N]``, 0 at ignored rows."""
     rows, count = compact(p.valid)
-    part_m, part_s, part_t = forward_kernel(p.hidden, p.weight, p.bias, p.targets, rows, count, p.softcap)
+    part_m, part_s, part_t = launch_forward(p.hidden, p.weight, p.bias, p.targets, rows, count, p.softcap)
     lse, ce, excess = merge(part_m, part_s, part_t, p.targets, p.ref_loss, p.ignore_index)
     return ce, lse, excess
 
@@ -90,7 +90,7 @@ class _SelectiveLoss(torch.autograd.Function):
             g = grad_loss.reshape(1)
         else:
             g = (grad_loss / n_keep_total.clamp(min=1)).reshape(1)
-        dh, dw, db = backward_kernel(
+        dh, dw, db = launch_backward(
             hidden, weight, bias, p.targets, lse, g, kept_rows, kept_count, p.softcap, ctx.needs_input_grad[:3]
         )
         return (
