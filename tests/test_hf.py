@@ -37,6 +37,10 @@ def _model(kind: str):
         return tr.Qwen2ForCausalLM(tr.Qwen2Config(**common))
     if kind == "gemma2-softcap":
         return tr.Gemma2ForCausalLM(tr.Gemma2Config(**common, head_dim=8, final_logit_softcapping=2.0))
+    if kind == "granite-logits-scaling":
+        return tr.GraniteForCausalLM(tr.GraniteConfig(**common, logits_scaling=4.0))
+    if kind == "cohere-logit-scale":
+        return tr.CohereForCausalLM(tr.CohereConfig(**common, logit_scale=0.3))
     if kind == "gpt2":
         cfg = tr.GPT2Config(
             vocab_size=V, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=0
@@ -60,7 +64,11 @@ def _grads(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("kind", ["llama", "llama-untied", "mistral", "qwen2", "gemma2-softcap", "gpt2"])
+KINDS = ["llama", "llama-untied", "mistral", "qwen2", "gemma2-softcap", "granite-logits-scaling", "cohere-logit-scale",
+         "gpt2"]  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", KINDS)
 def test_plain_loss_and_grads_equal_models_own(kind: str) -> None:
     model = _model(kind).eval()
     ids, mask, labels = _padded_batch()
