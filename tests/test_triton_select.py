@@ -107,3 +107,17 @@ def test_compact(n, block):
     expected = mask.nonzero().flatten()
     assert count.tolist() == [expected.numel()]
     assert torch.equal(idx[: expected.numel()].long(), expected)
+
+
+def test_random_small_alphabets():
+    """Forty random cases: sizes, group counts, keep ratios, few distinct values (ties everywhere),
+    -inf and ignored rows sprinkled in."""
+    g = torch.Generator().manual_seed(7)
+    values = torch.tensor([-INF, -2.5, -0.0, 0.0, 1.0, 1.0 + 2**-20, 3.0, 1e30])
+    for _ in range(40):
+        groups = int(torch.randint(1, 4, (), generator=g))
+        m = int(torch.randint(1, 40, (), generator=g))
+        excess = values[torch.randint(0, len(values), (groups * m,), generator=g)]
+        valid = torch.rand(groups * m, generator=g) > float(torch.rand((), generator=g)) * 0.6
+        keep_ratio = float(torch.randint(1, 101, (), generator=g)) / 100
+        check(excess, valid, groups, keep_ratio)
