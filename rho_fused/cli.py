@@ -94,14 +94,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """The whole pipeline on CPU on the champ-dataset corpus (see `rho_fused.demo`)."""
     from .demo import run_demo
 
-    run_demo(args.out, quick=args.quick, seed=args.seed, progress=not args.no_progress)
+    run_demo(args.out, quick=args.quick, seed=args.seed, threads=args.threads, progress=not args.no_progress)
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     from .training import TrainConfig
 
-    parser = argparse.ArgumentParser(prog="rho-fused", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="rho-fused", description="Rho-1 selective language modelling: score a corpus, train, run the demo."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("score", help="score a corpus with a reference model (per-token ref_loss)")
@@ -154,7 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the whole pipeline on CPU on the champ-dataset math corpus")
     p.add_argument("--out", default="out/demo", help="output directory (default out/demo)")
     p.add_argument("--quick", action="store_true", help="a smoke-test run under a minute")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seeds the models' initialisation and the data order")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: faster on shared small CPUs)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_demo)
     return parser

@@ -173,12 +173,16 @@ def plot_curves(path: Path, runs: dict[str, list[dict]], ref_eval: float) -> Non
     tmp.replace(path)
 
 
-def run_demo(out: str | Path, *, quick: bool = False, seed: int = 0, progress: bool = True) -> dict[str, Any]:
+def run_demo(
+    out: str | Path, *, quick: bool = False, seed: int = 0, threads: int | None = None, progress: bool = True
+) -> dict[str, Any]:
     """Run the whole demo into ``out`` and return its metrics (also written to ``out/metrics.json``)."""
     cfg = QUICK if quick else DEFAULT
+    if threads is not None:
+        cfg = replace(cfg, threads=threads)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    threads = torch.get_num_threads()
+    threads_before = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)  # tiny matmuls: one thread beats two that fight over shared cores
     t_start = time.perf_counter()
     times: dict[str, float] = {}
@@ -253,13 +257,16 @@ def run_demo(out: str | Path, *, quick: bool = False, seed: int = 0, progress: b
         write_text(out / "tokens.html", token_page(slm_model, tokenizer, page_rows, cfg.keep_ratio))
         lap("plots and page", t)
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(threads_before)
 
     wall = time.perf_counter() - t_start
     names = list(results)
     winner = min(names, key=lambda n: results[n]["held_out_human_loss"])
     metrics = {
-        "command": "rho-fused demo" + (" --quick" if quick else "") + (f" --seed {seed}" if seed else ""),
+        "command": "rho-fused demo"
+        + (" --quick" if quick else "")
+        + (f" --seed {seed}" if seed else "")
+        + (f" --threads {cfg.threads}" if cfg.threads != 1 else ""),
         "config": asdict(cfg),
         "seed": seed,
         "data": {
@@ -308,6 +315,6 @@ def format_table(m: dict[str, Any]) -> str:
         f"tokens each, {m['data']['noisy_train_tokens']} model-written training tokens, "
         f"{m['data']['held_out_human_tokens']} held-out human-written tokens; lower loss is better; "
         f"best on held-out human-written text: {m['winner_on_held_out_human']}; wall time {m['wall_seconds']:.0f} s "
-        f"({m['threads']} thread)."
+        f"({m['threads']} torch thread{'s' if m['threads'] > 1 else ''})."
     )
     return "\n".join(lines)
