@@ -145,6 +145,8 @@ def kept_count(labels: Tensor, keep_ratio: float, *, scope: str = "batch", ignor
     the labels other than ``ignore_index`` past position 0. Gradient accumulation divides the
     summed loss of every micro-batch by the total of this count over the accumulated batch.
     """
+    if scope not in ("batch", "sequence"):
+        raise ValueError(f"kept_count counts scope 'batch' or 'sequence' on one process, got scope={scope!r}")
     frac = Fraction(keep_ratio).limit_denominator(10**6)
     valid = labels[..., 1:] != ignore_index
     counts = [int(valid.sum())] if scope == "batch" else valid.reshape(-1, valid.shape[-1]).sum(-1).tolist()
