@@ -1,6 +1,7 @@
 """Compile every kernel offline for sm_80 and sm_90 and report what the hardware would run.
 
-    python -m rho_fused.kernels.report
+    python -m rho_fused.kernels.report              # the configuration of the README
+    python -m rho_fused.kernels.report --variants   # also fp16, fp32, and bias + softcap builds
 
 No GPU is needed: `triton.compile` targets a `GPUTarget`, and the CUDA tools shipped in the triton
 wheel read the cubin. Each kernel is compiled with the configuration its launcher really uses at
@@ -52,11 +53,16 @@ def _ptr(dtype: torch.dtype) -> str:
     return "*" + {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]
 
 
-def specs() -> list[KernelSpec]:
-    """The launchers' configurations at the report's shape."""
-    fc, bc = forward.default_config(DTYPE), backward.default_config(DTYPE)
+def specs(dtype: torch.dtype = DTYPE, extras: bool = False) -> list[KernelSpec]:
+    """The launchers' configurations at the report's shape for ``dtype``.
+
+    ``extras=False``: the common LM head (no bias, no softcap, one upstream gradient for all rows).
+    ``extras=True``: bias, softcap, d bias and a per-token upstream gradient (``reduction="none"``).
+    """
+    fc, bc = forward.default_config(dtype), backward.default_config(dtype)
     sc, cc, mc = select.DEFAULT_CONFIG, compact.DEFAULT_CONFIG, merge.DEFAULT_CONFIG
-    h = _ptr(DTYPE)
+    h = _ptr(dtype)
+    softcap = 30.0 if extras else 1.0
     # The vocabulary slice of a 132-SM H100 at N=8192 (the launcher computes it from the device).
     splits = max(1, triton.cdiv(forward.PROGRAMS_PER_SM * 132, triton.cdiv(N, fc.block_n)))
     v_per_split = triton.cdiv(triton.cdiv(V, splits), fc.block_v) * fc.block_v
@@ -71,9 +77,9 @@ def specs() -> list[KernelSpec]:
             {
                 "H": h, "W": h, "B": h, "T": "*i64", "ROWS": "*i32", "COUNT": "*i32",
                 "PART_M": "*fp32", "PART_S": "*fp32", "PART_T": "*fp32",
-                "N": N, "V": V, "D": D, "v_per_split": v_per_split, "softcap": 1.0,
-                "HAS_BIAS": False, "HAS_SOFTCAP": False, "BLOCK_N": fc.block_n, "BLOCK_V": fc.block_v,
-                "BLOCK_D": fc.block_d, "DOT_PRECISION": forward.dot_precision(DTYPE),
+                "N": N, "V": V, "D": D, "v_per_split": v_per_split, "softcap": softcap,
+                "HAS_BIAS": extras, "HAS_SOFTCAP": extras, "BLOCK_N": fc.block_n, "BLOCK_V": fc.block_v,
+                "BLOCK_D": fc.block_d, "DOT_PRECISION": forward.dot_precision(dtype),
             },
             ("HAS_BIAS", "HAS_SOFTCAP", "BLOCK_N", "BLOCK_V", "BLOCK_D", "DOT_PRECISION"),
             fc.num_warps, fc.num_stages,
@@ -83,7 +89,7 @@ def specs() -> list[KernelSpec]:
             {
                 "PART_M": "*fp32", "PART_S": "*fp32", "PART_T": "*fp32", "T": "*i64", "REF": "*fp32",
                 "LSE": "*fp32", "CE": "*fp32", "EXCESS": "*fp32", "N": N, "S": splits, "ignore_index": -100,
-                "HAS_REF": True, "BLOCK": mc.block,
+                "HAS_REF": not extras, "BLOCK": mc.block,
             },
             ("HAS_REF", "BLOCK"), mc.num_warps, mc.num_stages,
         ),
@@ -100,9 +106,9 @@ def specs() -> list[KernelSpec]:
             {
                 "H": h, "W": h, "B": h, "T": "*i64", "LSE": "*fp32", "G": "*fp32", "ROWS": "*i32",
                 "COUNT": "*i32", "DH": "*fp32", "DW": "*fp32", "DB": "*fp32", "N": N, "V": V, "D": D,
-                "G_STRIDE": 0, "softcap": 1.0, "HAS_BIAS": False, "HAS_SOFTCAP": False, "NEED_DH": True,
-                "NEED_DW": True, "NEED_DB": False, "BLOCK_N": bc.block_n, "BLOCK_V": bc.block_v,
-                "BLOCK_D": bc.block_d, "GROUP_N": bc.group_n, "DOT_PRECISION": forward.dot_precision(DTYPE),
+                "G_STRIDE": int(extras), "softcap": softcap, "HAS_BIAS": extras, "HAS_SOFTCAP": extras,
+                "NEED_DH": True, "NEED_DW": True, "NEED_DB": extras, "BLOCK_N": bc.block_n, "BLOCK_V": bc.block_v,
+                "BLOCK_D": bc.block_d, "GROUP_N": bc.group_n, "DOT_PRECISION": forward.dot_precision(dtype),
             },
             ("HAS_BIAS", "HAS_SOFTCAP", "NEED_DH", "NEED_DW", "NEED_DB", "BLOCK_N", "BLOCK_V", "BLOCK_D",
              "GROUP_N", "DOT_PRECISION"),
@@ -186,20 +192,31 @@ def line(spec: KernelSpec, arch: int, m: dict[str, int]) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Print the report lines; with ``--json`` one JSON object per line instead, with the HGMMA and
     HMMA counts apart (what the test suite checks)."""
-    as_json = "--json" in (sys.argv[1:] if argv is None else argv)
+    args = sys.argv[1:] if argv is None else argv
+    as_json = "--json" in args
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # the JIT's default; silences 3.9's notice
     if os.environ.get("TRITON_INTERPRET") == "1":
         print("unset TRITON_INTERPRET: the report compiles for real GPUs", file=sys.stderr)
         return 2
     if not as_json:
         print(f"# offline compile, N={N} D={D} V={V} {str(DTYPE).removeprefix('torch.')}, triton {triton.__version__}")
-    for spec in specs():
-        for arch in ARCHS:
-            m = measure(spec, arch)
-            if as_json:
-                print(json.dumps({"kernel": spec.name, "arch": arch, "num_warps": spec.num_warps, **m}), flush=True)
-            else:
-                print(line(spec, arch, m), flush=True)
+    runs = [(DTYPE, False)]
+    if "--variants" in args:  # the other input dtypes, and bias + softcap + d bias + per-token g
+        runs += [(torch.float16, False), (torch.float32, False), (DTYPE, True), (torch.float16, True)]
+    for dtype, extras in runs:
+        name = str(dtype).removeprefix("torch.")
+        if (dtype, extras) != (DTYPE, False) and not as_json:
+            print(f"# variant: {name}{', bias + softcap + d bias + per-token g' if extras else ''}")
+        for spec in specs(dtype, extras):
+            if (dtype, extras) != (DTYPE, False) and spec.name in ("compact", "select"):
+                continue  # independent of the input dtype and of these options
+            for arch in ARCHS:
+                m = measure(spec, arch)
+                if as_json:
+                    row = {"kernel": spec.name, "arch": arch, "dtype": name, "extras": extras, **m}
+                    print(json.dumps({**row, "num_warps": spec.num_warps}), flush=True)
+                else:
+                    print(line(spec, arch, m), flush=True)
     return 0
 
 

@@ -1,5 +1,6 @@
-"""The compile report: every kernel compiles for sm_80 and sm_90 with the launchers' real configuration,
-none spills, and the matmul kernels run on the tensor cores (HGMMA on sm_90, HMMA on sm_80).
+"""The compile report: every kernel compiles for sm_80 and sm_90 with the launchers' real configuration
+(bf16, and the fp16 / fp32 / bias + softcap variants), none spills, and the 16-bit matmul kernels run
+on the tensor cores (HGMMA on sm_90, HMMA on sm_80).
 
 Runs ``python -m rho_fused.kernels.report`` in a subprocess: the test session sets TRITON_INTERPRET=1,
 under which ``@triton.jit`` gives interpreter functions that cannot be compiled.
@@ -35,11 +36,18 @@ def _report(*args: str) -> str:
 
 @pytest.fixture(scope="module")
 def lines() -> list[dict]:
-    return [json.loads(row) for row in _report("--json").splitlines() if row.strip()]
+    return [json.loads(row) for row in _report("--json", "--variants").splitlines() if row.strip()]
 
 
 def test_every_kernel_on_both_architectures(lines):
-    assert {(r["kernel"], r["arch"]) for r in lines} == {(k, a) for k in KERNELS for a in (80, 90)}
+    main = [r for r in lines if r["dtype"] == "bfloat16" and not r["extras"]]
+    assert {(r["kernel"], r["arch"]) for r in main} == {(k, a) for k in KERNELS for a in (80, 90)}
+    variants = {(r["dtype"], r["extras"]) for r in lines}
+    assert variants == {("bfloat16", False), ("float16", False), ("float32", False), ("bfloat16", True),
+                        ("float16", True)}  # fmt: skip
+    for dtype, extras in variants:
+        built = {(r["kernel"], r["arch"]) for r in lines if (r["dtype"], r["extras"]) == (dtype, extras)}
+        assert {(k, a) for k in MATMUL_KERNELS for a in (80, 90)} <= built, (dtype, extras)
 
 
 def test_no_spills(lines):
@@ -50,7 +58,9 @@ def test_no_spills(lines):
 
 def test_tensor_cores(lines):
     for r in lines:
-        if r["kernel"] in MATMUL_KERNELS:
+        if r["dtype"] == "float32":  # fp32 inputs take full-precision FMA dots, by design
+            assert r["tensor_core_ops"] == 0, r
+        elif r["kernel"] in MATMUL_KERNELS:
             if r["arch"] == 90:
                 assert r["hgmma"] > 0, f"{r['kernel']} misses the Hopper tensor cores (no HGMMA): {r}"
             else:
@@ -70,7 +80,7 @@ def test_line_format(lines):
     text = _report()
     rows = [LINE.fullmatch(row) for row in text.splitlines() if not row.startswith("#")]
     assert rows and all(rows), text
-    by_key = {(r["kernel"], r["arch"]): r for r in lines}
+    by_key = {(r["kernel"], r["arch"]): r for r in lines if r["dtype"] == "bfloat16" and not r["extras"]}
     for m in rows:
         r = by_key[(m["kernel"], int(m["arch"]))]
         assert (int(m["regs"]), int(m["spill"]), int(m["smem"]), int(m["tc"])) == (
