@@ -10,7 +10,10 @@ with ``softmax(z_i) = exp(z_i - lse_i)`` from the forward's ``lse``. Then, for e
     dH[rows] += dz @ W[cols],    dW[cols] += dz.T @ H[rows],    db[cols] += sum_rows dz
 
 by fp32 atomic adds: every row tile meets every vocabulary tile, so each output block has many
-writers. Matmul work ``6 * n_kept * D * V`` flops. Programs past the kept count exit at once.
+writers. ``dz`` enters the two gradient matmuls in the input dtype (the tensor cores' operands),
+rounded once, as PyTorch's own 16-bit backward rounds it; the tile's ``g`` is first divided by its
+largest ``|g_i|``, multiplied back on the fp32 products, so fp16 does not underflow.
+Matmul work ``6 * n_kept * D * V`` flops. Programs past the kept count exit at once.
 """
 
 from __future__ import annotations
