@@ -169,6 +169,10 @@ def measure(spec: KernelSpec, arch: int) -> dict[str, int]:
     regs = int(re.search(r"REG:(\d+)", usage).group(1))
     spills = sum(int(b) for b in re.findall(r"(\d+) bytes spill (?:stores|loads)", ptxas))
     local = int(re.search(r"LOCAL:(\d+)", usage).group(1))
+    # Row offsets (row * D) of the [rows, D] and [V, D] operands are 64-bit: in the TTIR, every
+    # pointer step over a [BLOCK, 1] column of pointers takes i64 offsets (the i32 steps add the
+    # D-block columns, below D). Counted here so the test can insist on none narrow.
+    narrow = len(re.findall(r"tt\.addptr [^\n]*tensor<\d+x1x!tt\.ptr<[^>]+>>, tensor<\d+x1xi32>", k.asm["ttir"]))
     hgmma = len(re.findall(r"\bHGMMA\.", sass))
     hmma = len(re.findall(r"\bHMMA\.", sass))
     return {
@@ -178,6 +182,7 @@ def measure(spec: KernelSpec, arch: int) -> dict[str, int]:
         "tensor_core_ops": hgmma + hmma,
         "hgmma": hgmma,
         "hmma": hmma,
+        "narrow_row_offsets": narrow,
     }
 
 

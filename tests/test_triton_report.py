@@ -86,3 +86,10 @@ def test_line_format(lines):
         assert (int(m["regs"]), int(m["spill"]), int(m["smem"]), int(m["tc"])) == (
             r["regs"], r["spill_bytes"], r["smem_bytes"], r["tensor_core_ops"],
         )  # fmt: skip
+
+
+def test_row_offsets_are_64_bit(lines):
+    """row * D of hidden, weight and their gradients can pass 2^31 (V * D = 2^31 at V=256k, D=8k):
+    the compiled kernels step [BLOCK, 1] pointer columns by i64 offsets only."""
+    for r in lines:
+        assert r["narrow_row_offsets"] == 0, r
