@@ -1,0 +1,32 @@
+"""bench/roofline.py's model counts what the kernels are designed to do: (2 + 6r) N D V matmul flops
+for forward plus backward, against 6 N D V for the materialising baseline."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+SPEC = importlib.util.spec_from_file_location("roofline", Path(__file__).parents[1] / "bench" / "roofline.py")
+roofline = importlib.util.module_from_spec(SPEC)
+SPEC.loader.exec_module(roofline)
+
+
+@pytest.mark.parametrize("keep", [0.6, 1.0, 0.25])
+def test_flops(keep):
+    n, d, v = 8192, 4096, 128256
+    fused = sum(fl for _, fl, _, _ in roofline.fused(n, d, v, keep))
+    assert fused == pytest.approx((2 + 6 * keep) * n * d * v)
+    assert roofline.baseline(n, d, v)[0] == 6 * n * d * v
+
+
+def test_table_is_labelled_a_model(capsys, monkeypatch):
+    monkeypatch.setattr("sys.argv", ["roofline.py"])
+    roofline.main()
+    out = capsys.readouterr().out
+    assert out.startswith("MODEL (not a measurement)")
+    # the fused loss is flop-bound and beats the baseline's time at keep 0.6 on every shape
+    for shape, fused_ms, base_ms, ratio in roofline.summary(0.6):
+        assert ratio == pytest.approx((2 + 6 * 0.6) / 6)
+        assert fused_ms < base_ms, shape
