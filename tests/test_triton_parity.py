@@ -157,7 +157,8 @@ def test_no_host_sync(monkeypatch):
     """Forward and backward never read a tensor value on the host (the CUDA graph requirement).
 
     Validation (`make_problem`) reads values by design and runs before; from the backend call on,
-    any ``.item()``, ``bool(t)``, ``.tolist()``, ``.nonzero()`` or ``.cpu()`` raises."""
+    any ``.item()``, ``bool(t)``, ``int(t)``, ``float(t)``, ``.tolist()``, ``.nonzero()``, ``.cpu()``
+    or ``.numpy()`` raises."""
     case = make_case((3, 11), 24, 97, seed=13, bias=True)
     p = make_problem(
         case.hidden, case.weight, case.targets, case.ref_loss, keep_ratio=0.6, bias=case.bias,
@@ -171,7 +172,7 @@ def test_no_host_sync(monkeypatch):
         return fail
 
     with monkeypatch.context() as m:
-        for name in ("item", "__bool__", "tolist", "nonzero", "cpu"):
+        for name in ("item", "__bool__", "__int__", "__float__", "tolist", "nonzero", "cpu", "numpy"):
             m.setattr(torch.Tensor, name, forbidden(name))
         loss, stats = triton_backend.selective_loss(p)
         loss.backward(case.upstream)
