@@ -1,4 +1,12 @@
 """Triton kernels of rho-fused, installed as `rho_fused.kernels`.
 
 One kernel per file beside its launcher. This package knows only Triton and torch tensors.
+
+- `compact`: the set positions of a mask as an index list, count on the device
+- `forward`: LM-head matmul + online logsumexp + target logit per vocabulary slice
+- `merge`: the slices' partials into ``lse``, ``ce``, ``excess``
+- `select`: exact top-k per selection group by radix select, ties to the lower index
+- `backward`: kept rows only, one logits recompute, d hidden / d weight / d bias in fp32
+- `tile`: the logits tile both matmul kernels compute (device helpers, no kernel)
+- `report`: ``python -m rho_fused.kernels.report``, the offline compile report for sm_80 / sm_90
 """
