@@ -161,6 +161,8 @@ def test_kept_count_is_exact() -> None:
     assert kept_count(labels, 0.7, scope="sequence") == 14  # 7 + 7
     labels[1, 1:] = -100
     assert kept_count(labels, 0.01, scope="sequence") == 1  # at least 1 where a row has tokens, 0 where none
+    with pytest.raises(ValueError, match="scope"):
+        kept_count(labels, 0.5, scope="global")  # needs the other ranks' counts
 
 
 def test_shape_errors_name_the_argument() -> None:

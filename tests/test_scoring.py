@@ -129,3 +129,21 @@ def test_interrupted_scoring_leaves_no_output(tmp_path, tokenizer, monkeypatch) 
     assert sorted(p.name for p in (tmp_path / "scored").iterdir()) == before  # the previous output is intact
     assert read_meta(tmp_path / "scored")["n_sequences"] == len(rows)
     assert [p.name for p in tmp_path.iterdir() if p.name != "scored"] == []  # no temporary left behind
+
+
+def test_corpus_formats(tmp_path, tokenizer) -> None:
+    import datasets
+
+    from rho_fused.data import corpus_rows, load_corpus
+
+    # pre-tokenized rows are kept as they are, cut at seq_len (pieces under 2 tokens dropped)
+    datasets.Dataset.from_dict({"input_ids": [list(range(10)), [5, 6, 7], [9]]}).save_to_disk(tmp_path / "tok")
+    rows = corpus_rows(load_corpus(tmp_path / "tok"), tokenizer, 4)
+    assert [r.tolist() for r in rows] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9], [5, 6, 7]]
+    # a text file is one document, tokenized, ended with EOS and packed
+    (tmp_path / "doc.txt").write_text(TEXTS[0] + "\n" + TEXTS[1])
+    rows = corpus_rows(load_corpus(tmp_path / "doc.txt"), tokenizer, 8)
+    stream = tokenizer(TEXTS[0] + "\n" + TEXTS[1])["input_ids"] + [tokenizer.eos_token_id]
+    assert [t for r in rows for t in r.tolist()] == stream[: len(stream) // 8 * 8]
+    with pytest.raises(ValueError, match="'input_ids' or a 'text' column"):
+        corpus_rows(datasets.Dataset.from_dict({"other": ["x"]}), tokenizer, 8)
