@@ -17,7 +17,8 @@ setup(
         "triton>=3.0; platform_system == 'Linux'",
         "transformers>=4.46",
         "datasets>=2.19",
-        "accelerate>=1.0",
+        "accelerate>=1.1",
+        "numpy",
         "tqdm",
     ],
     extras_require={
