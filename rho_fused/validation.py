@@ -16,6 +16,11 @@ FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 REDUCTIONS = ("mean", "sum", "none")
 SCOPES = ("batch", "sequence", "global")
 
+# The value checks of `check_values` read tensors back to the host: one synchronisation per call.
+# Set to False to skip them; they are skipped anyway while a CUDA graph is captured or
+# torch.compile traces, where a host read is not allowed.
+CHECK_VALUES = True
+
 
 def _check_tensor(name: str, value: object) -> Tensor:
     if not isinstance(value, Tensor):
@@ -125,8 +130,12 @@ def make_problem(
 def check_values(p: LossProblem) -> None:
     """Targets in ``[0, V)`` or ``ignore_index``; ``ref_loss`` finite where the target is valid.
 
-    These checks read tensor values, so they synchronise with the device.
+    These checks read tensor values, so they synchronise with the device; see `CHECK_VALUES`.
     """
+    if not CHECK_VALUES or torch.compiler.is_compiling():
+        return
+    if p.hidden.is_cuda and torch.cuda.is_current_stream_capturing():
+        return
     valid = p.valid
     vocab = p.weight.shape[0]
     bad = valid & ((p.targets < 0) | (p.targets >= vocab))
