@@ -1,11 +1,18 @@
-"""The ``rho-fused`` command: ``score``, ``train`` and ``demo`` (also ``python -m rho_fused``)."""
+"""The ``rho-fused`` command: ``score``, ``train`` and ``demo`` (also ``python -m rho_fused``).
+
+``score`` and ``train`` also run under ``torchrun --nproc-per-node N`` (data parallel): the
+process group is initialised from torchrun's environment (``gloo`` on CPU, ``nccl`` on CUDA, one
+GPU per process by ``LOCAL_RANK``); rank 0 alone prints and writes.
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -13,9 +20,49 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 
 def _device(name: str | None) -> str:
+    """The device to run on; under torchrun on CUDA, the GPU of this process (``LOCAL_RANK``)."""
     import torch
 
-    return name or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = name or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    return device
+
+
+@contextlib.contextmanager
+def distributed_from_env(device: str | None) -> Iterator[int]:
+    """Initialise torch.distributed from torchrun's environment (``WORLD_SIZE`` > 1); yield the rank.
+
+    ``nccl`` for CUDA devices (after selecting the GPU ``LOCAL_RANK``), ``gloo`` otherwise. Without
+    torchrun (or with one process) nothing is initialised and the rank is 0. The group is
+    destroyed on the way out.
+    """
+    import torch
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        yield dist.get_rank() if dist.is_initialized() else 0
+        return
+    device = _device(device)
+    if device.startswith("cuda"):
+        torch.cuda.set_device(torch.device(device))
+    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    if dist.get_rank() != 0:  # one set of progress bars: rank 0's
+        import datasets
+        import transformers
+
+        datasets.disable_progress_bars()
+        transformers.utils.logging.disable_progress_bar()
+    try:
+        yield dist.get_rank()
+    finally:
+        dist.destroy_process_group()
+
+
+def _say(rank: int, text: str) -> None:
+    """Print on rank 0 only."""
+    if rank == 0:
+        print(text, flush=True)
 
 
 def _tokenizer(path: str | None, *fallbacks: str | None) -> Any:
@@ -44,10 +91,11 @@ def cmd_score(args: argparse.Namespace) -> int:
         seq_len=args.seq_len, batch_size=args.batch_size, backend=args.backend,
         overwrite=args.overwrite, progress=not args.no_progress,
     )  # fmt: skip
-    print(
+    _say(
+        args.rank,
         f"scored {meta['n_sequences']} sequences ({meta['n_tokens']} tokens) -> {args.out}; "
         f"mean ref_loss {meta['mean_ref_loss']:.4f}; tokenizer {meta['tokenizer_fingerprint']}, "
-        f"reference {meta['reference_fingerprint']}"
+        f"reference {meta['reference_fingerprint']}",
     )
     return 0
 
@@ -74,18 +122,21 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise SystemExit(f"error: the tokenizer has {len(tokenizer)} tokens, more than the model's vocabulary {vocab}")
     model.to(_device(args.device))
     cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
+    out = Path(args.out)
     history = train(
-        model, data, cfg, out_dir=args.out, eval_data=eval_data,
+        model, data, cfg, out_dir=out, eval_data=eval_data,
         resume=args.resume, stop_at=args.stop_at, progress=not args.no_progress,
     )  # fmt: skip
-    write_json(Path(args.out) / "history.json", history)
+    if args.rank != 0:
+        return 0  # every rank holds the same weights and history: rank 0 writes them
+    write_json(out / "history.json", history)
     if args.stop_at is not None and args.stop_at < cfg.steps:
         print(f"stopped at step {args.stop_at}; continue with --resume")
         return 0
     info = {"config": dataclasses.asdict(cfg), "data": str(args.data), "scored": meta}
-    save_model(model, tokenizer, Path(args.out) / "model", extra=info)
+    save_model(model, tokenizer, out / "model", extra=info)
     last = history[-1] if history else {}
-    print(f"trained {cfg.steps} steps -> {Path(args.out) / 'model'}; last log: "
+    print(f"trained {cfg.steps} steps -> {out / 'model'}; last log: "
           + ", ".join(f"{k} {v:.4g}" for k, v in last.items()))  # fmt: skip
     return 0
 
@@ -169,7 +220,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .scoring import FingerprintMismatchError
 
     try:
-        return int(args.func(args) or 0)
+        if args.command == "demo":
+            return int(args.func(args) or 0)
+        with distributed_from_env(args.device) as args.rank:
+            return int(args.func(args) or 0)
     except (FingerprintMismatchError, FileNotFoundError, FileExistsError) as e:
         print(f"rho-fused {args.command}: error: {e}", file=sys.stderr)
         return 2

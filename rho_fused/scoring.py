@@ -5,6 +5,10 @@
 tokens before it; ``ref_loss[0] = 0``), plus ``rho_fused.json`` holding the fingerprints of the
 tokenizer and the reference model and the sequence length. `load_scored` reads it back and
 refuses it when its tokenizer fingerprint is not the one of the tokenizer in hand.
+
+Under torch.distributed (``torchrun``) the scoring batches are dealt to the ranks in turn, the
+per-row results gathered on rank 0, which alone writes: the output is the one a single process
+writes, batch for batch the same computation.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .atomic import atomic_dir, write_json
-from .data import pad_batch
+from .data import pad_batch, rank_and_world
 from .hf import final_hidden_states, lm_head_of, shift_left, shift_right
 from .loss import token_losses
 
@@ -76,19 +80,25 @@ def score_rows(
     batch_size: int = 8,
     backend: str = "auto",
     progress: bool = True,
-) -> list[np.ndarray]:
+    shard: tuple[int, int] = (0, 1),
+) -> list[np.ndarray | None]:
     """Per-token reference losses of token rows (fp32, aligned with the tokens, 0 at position 0).
 
     The model's body gives the final hidden states; `token_losses` turns them into per-token
     cross-entropy without materialising the logits. Rows are batched by length to limit padding.
+    ``shard=(rank, world)`` scores only the batches ``rank, rank + world, ...`` of that order
+    (the others are None in the result): the same batches, hence the same numbers, as one process.
     """
+    rank, world = shard
     model.eval()
     device = next(model.parameters()).device
     weight, bias, softcap, scale = lm_head_of(model)
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+    starts = range(rank * batch_size, len(order), batch_size * world)
     out: list[np.ndarray | None] = [None] * len(rows)
-    bar = tqdm(total=sum(len(r) for r in rows), unit="tok", desc="score", disable=not progress)
-    for start in range(0, len(order), batch_size):
+    total = sum(len(rows[i]) for start in starts for i in order[start : start + batch_size])
+    bar = tqdm(total=total, unit="tok", desc="score", disable=not progress)
+    for start in starts:
         idx = order[start : start + batch_size]
         batch = pad_batch([{"input_ids": rows[i]} for i in idx])
         ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
@@ -102,7 +112,7 @@ def score_rows(
             out[i] = ce[j, : len(rows[i])].copy()
         bar.update(int(mask.sum()))
     bar.close()
-    return out  # type: ignore[return-value]
+    return out
 
 
 def score_corpus(
@@ -121,16 +131,40 @@ def score_corpus(
 
     The dataset (columns ``input_ids`` int32 and ``ref_loss`` float32) and ``rho_fused.json`` are
     written to a temporary directory renamed to ``out_dir`` when complete. Returns the metadata.
+
+    Under torch.distributed every rank calls with the same rows: each scores its share of the
+    batches, rank 0 gathers the results and writes (the others return the same metadata once it
+    has). An existing ``out_dir`` without ``overwrite`` is refused on every rank before any work.
     """
     import datasets
+    import torch.distributed as dist
 
     if not rows:
         raise ValueError("the corpus gave no token rows to score (is it shorter than one sequence?)")
+    rank, world = rank_and_world()
+    exists = [Path(out_dir).exists()]
+    if world > 1:
+        dist.broadcast_object_list(exists, src=0)  # rank 0's file system decides
+    if exists[0] and not overwrite:
+        raise FileExistsError(f"{out_dir} already exists; pass overwrite=True (--overwrite) to replace it")
     vocab = model.get_output_embeddings().weight.shape[0]
     top = max(int(r.max()) for r in rows)
     if top >= vocab:
         raise ValueError(f"the corpus has token id {top}, outside the reference model's vocabulary of {vocab}")
-    ref = score_rows(model, rows, batch_size=batch_size, backend=backend, progress=progress)
+    ref = score_rows(
+        model, rows, batch_size=batch_size, backend=backend, progress=progress and rank == 0, shard=(rank, world)
+    )
+    if world > 1:
+        mine = {i: r for i, r in enumerate(ref) if r is not None}
+        gathered: list[dict[int, np.ndarray] | None] = [None] * world if rank == 0 else []
+        dist.gather_object(mine, gathered if rank == 0 else None, dst=0)
+        if rank != 0:
+            meta_box: list[Any] = [None]
+            dist.broadcast_object_list(meta_box, src=0)  # returns once rank 0 has written
+            return meta_box[0]
+        for part in gathered:
+            for i, r in (part or {}).items():
+                ref[i] = r
     n_tokens = sum(len(r) for r in rows)
     n_scored = sum(len(r) - 1 for r in rows)
     meta = {
@@ -155,6 +189,8 @@ def score_corpus(
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         ds.save_to_disk(str(tmp))
         write_json(tmp / META_FILE, meta)
+    if world > 1:
+        dist.broadcast_object_list([meta], src=0)
     return meta
 
 

@@ -5,10 +5,17 @@ normalised by the tokens kept over the whole accumulated batch, a seed that fixe
 The batch of step ``s`` depends only on ``(seed, s)``, and a checkpoint holds the model, the
 optimizer and the RNG state, so resuming from step ``k`` gives the same weights at step ``n`` as
 an uninterrupted run. The loss never computes the model's logits (`causal_lm_loss`).
+
+Under ``torchrun`` (torch.distributed initialised before `train` is called, see `rho_fused.cli`)
+the same global batch is split into contiguous shards, one per rank; ``scope="batch"`` then
+selects over the whole global batch (``scope="global"`` of `fused_selective_loss`), the loss goes
+through `DistributedDataParallel`, and the weights after each step are the ones one process
+gets on the same global batch. Only rank 0 shows progress and writes checkpoints.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -23,7 +30,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .atomic import atomic_dir, write_json
-from .data import pad_batch
+from .data import pad_batch, rank_and_world, shard_bounds
 from .hf import causal_lm_loss, kept_count
 
 CHECKPOINT = "checkpoint"
@@ -53,6 +60,45 @@ class TrainConfig:
 
     # fields that may differ between a run and its resumption
     RESUMABLE = ("log_every", "eval_every", "checkpoint_every", "backend")
+
+
+class SelectiveObjective(nn.Module):
+    """A causal LM with its (selective) summed loss as ``forward``: what `DistributedDataParallel` wraps.
+
+    DDP synchronises gradients only for a backward that follows a forward *through the DDP
+    wrapper*; calling the model's body directly (as `causal_lm_loss` does) would skip it and
+    leave every rank with its own gradient. Wrapping this module instead runs the body, the LM
+    head and the fused loss inside DDP's forward, so every parameter (the body's and an untied
+    LM head's) is synchronised. ``forward`` returns ``(sum of the kept tokens' ce, SelectionStats)``.
+    """
+
+    def __init__(self, model: nn.Module, *, keep_ratio: float, scope: str, backend: str) -> None:
+        super().__init__()
+        self.model = model
+        self.keep_ratio, self.scope, self.backend = keep_ratio, scope, backend
+
+    def forward(
+        self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor, ref_loss: torch.Tensor | None
+    ) -> tuple[torch.Tensor, Any]:
+        return causal_lm_loss(
+            self.model, input_ids, labels, attention_mask=attention_mask,
+            ref_loss=ref_loss if self.keep_ratio < 1.0 else None, keep_ratio=self.keep_ratio,
+            scope=self.scope, backend=self.backend, reduction="sum", return_stats=True,
+        )  # fmt: skip
+
+
+def wrap_for_ranks(objective: nn.Module, world: int) -> nn.Module:
+    """``objective`` itself on one process; in `DistributedDataParallel` on several.
+
+    DDP broadcasts rank 0's parameters and buffers when it is built, so every rank starts from
+    the same weights, and averages the gradients in backward.
+    """
+    if world <= 1:
+        return objective
+    from torch.nn.parallel import DistributedDataParallel
+
+    device = next(objective.parameters()).device
+    return DistributedDataParallel(objective, device_ids=[device.index] if device.type == "cuda" else None)
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -94,18 +140,27 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, rows: Sequence[Any], *, batch_size: int = 16, backend: str = "auto") -> float:
-    """Mean cross-entropy per predicted token of ``rows`` (each a dict with ``input_ids``)."""
+    """Mean cross-entropy per predicted token of ``rows`` (each a dict with ``input_ids``).
+
+    Under torch.distributed, batch ``j`` is evaluated by rank ``j % world`` and the sums are
+    all-reduced: every rank returns the same value (every rank must call).
+    """
+    rank, world = rank_and_world()
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     total, count = 0.0, 0
-    for start in range(0, len(rows), batch_size):
+    for start in range(rank * batch_size, len(rows), batch_size * world):
         b = pad_batch([rows[i] for i in range(start, min(start + batch_size, len(rows)))], with_ref_loss=False)
         b = {k: v.to(device) for k, v in b.items()}
         total += float(causal_lm_loss(model, b["input_ids"], b["labels"], attention_mask=b["attention_mask"],
                                       reduction="sum", backend=backend))  # fmt: skip
         count += int((b["labels"][:, 1:] != -100).sum())
     model.train(was_training)
+    if world > 1:
+        sums = torch.tensor([total, count], dtype=torch.float64, device=device)
+        torch.distributed.all_reduce(sums)
+        total, count = float(sums[0]), int(sums[1])
     return total / max(count, 1)
 
 
@@ -138,10 +193,27 @@ def train(
     ``resume``). ``resume=True`` continues from ``out_dir/checkpoint`` with the same config.
     The log has one entry per ``log_every`` steps: ``loss`` (mean cross-entropy of the kept
     tokens), ``loss_all`` (of every token), ``kept`` (fraction), ``threshold``, ``lr``,
-    ``tok_per_s``, and ``eval_loss`` on ``eval_data`` every ``eval_every`` steps and at the end.
+    ``grad_norm`` (before clipping), ``tok_per_s``, and ``eval_loss`` on ``eval_data`` every
+    ``eval_every`` steps and at the end.
+
+    Data parallel: when torch.distributed is initialised with ``world`` ranks, every rank calls
+    `train` with the same ``data`` and config. Each micro-batch of ``batch_size`` rows (the global
+    batch: the same rows as on one process) is split into ``world`` contiguous shards, rank ``r``
+    running shard ``r`` through `DistributedDataParallel`. ``scope="batch"`` selects the top
+    ``keep_ratio`` over the whole global micro-batch (``scope="global"``), ``"sequence"`` within
+    each row. Each rank's summed kept loss is divided by the kept count of the whole accumulated
+    global batch and multiplied by ``world``, because DDP *averages* the ranks' gradients and the
+    global gradient is their *sum*: after the all-reduce every rank holds the gradient one process
+    computes, so clipping and the optimizer step are the same. Rank 0 alone shows a progress bar
+    and writes checkpoints; every rank resumes from them. ``batch_size`` must be at least ``world``.
     """
     if cfg.keep_ratio < 1.0 and "ref_loss" not in data[0]:
         raise ValueError(f"keep_ratio={cfg.keep_ratio} needs a scored dataset with 'ref_loss' (rho-fused score)")
+    if cfg.scope not in ("batch", "sequence"):
+        raise ValueError(f"scope must be 'batch' (the whole global batch) or 'sequence', got scope={cfg.scope!r}")
+    rank, world = rank_and_world()
+    if cfg.batch_size < world:
+        raise ValueError(f"batch_size={cfg.batch_size} is smaller than the world size {world}: a rank would get no row")
     ckpt = Path(out_dir) / CHECKPOINT if out_dir is not None else None
     device = next(model.parameters()).device
     optimizer = make_optimizer(model, cfg)
@@ -162,12 +234,19 @@ def train(
         step, history = state["step"], state["history"]
 
     def checkpoint() -> None:
-        if ckpt is not None:
+        if ckpt is not None and rank == 0:
             save_checkpoint(ckpt, model, optimizer, {"step": step, "history": history,
                                                      "config": dataclasses.asdict(cfg)})  # fmt: skip
+        if world > 1:
+            torch.distributed.barrier()  # the checkpoint is complete before any rank goes on
 
+    # one process: scope "batch" is the batch; several: the same global batch, over all ranks
+    loss_scope = "global" if world > 1 and cfg.scope == "batch" else cfg.scope
+    objective = SelectiveObjective(model, keep_ratio=cfg.keep_ratio, scope=loss_scope, backend=cfg.backend)
+    net = wrap_for_ranks(objective, world)
+    lo, hi = shard_bounds(cfg.batch_size, rank, world)
     model.train()
-    bar = tqdm(total=cfg.steps, initial=step, desc=desc, unit="step", disable=not progress)
+    bar = tqdm(total=cfg.steps, initial=step, desc=desc, unit="step", disable=not progress or rank != 0)
     t0, tokens = time.perf_counter(), 0
     while step < cfg.steps:
         # the learning rate of this step
@@ -176,28 +255,35 @@ def train(
             group["lr"] = lr
 
         # forward and backward over the micro-batches; the summed loss of each is divided by the
-        # number of tokens kept in the whole accumulated batch, so accumulation changes nothing
+        # number of tokens kept in the whole accumulated (global) batch, so neither accumulation
+        # nor the number of ranks changes the gradient. Every rank counts it on the global batch.
         batches = [pad_batch([data[i] for i in order.indices(step * cfg.accum_steps + m)])
                    for m in range(cfg.accum_steps)]  # fmt: skip
         n_keep = sum(kept_count(b["labels"], cfg.keep_ratio, scope=cfg.scope) for b in batches)
-        loss_sum = ce_sum = n_valid = 0.0
-        thresholds = []
-        for b in batches:
-            b = {k: v.to(device) for k, v in b.items()}
-            loss, stats = causal_lm_loss(
-                model, b["input_ids"], b["labels"], attention_mask=b["attention_mask"],
-                ref_loss=b.get("ref_loss") if cfg.keep_ratio < 1.0 else None,
-                keep_ratio=cfg.keep_ratio, scope=cfg.scope, backend=cfg.backend,
-                reduction="sum", return_stats=True,
-            )  # fmt: skip
-            (loss / max(n_keep, 1)).backward()
-            loss_sum += float(loss.detach())
-            ce_sum += float(stats.ce.sum())
-            n_valid += float(stats.n_valid.sum())
-            thresholds.append(float(stats.threshold.min()))
-            tokens += int(b["attention_mask"].sum())
+        n_valid = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+        sums = torch.zeros(4, dtype=torch.float64)  # this rank's kept ce, all ce, tokens, kept tokens
+        threshold = torch.tensor(math.inf, dtype=torch.float64)
+        for m, full in enumerate(batches):
+            b = {k: v[lo:hi].to(device) for k, v in full.items()}  # this rank's shard
+            sync = world > 1 and m < cfg.accum_steps - 1  # DDP all-reduces on the last micro-batch only
+            with net.no_sync() if sync else contextlib.nullcontext():
+                loss, stats = net(b["input_ids"], b["labels"], b["attention_mask"], b.get("ref_loss"))
+                (loss * (world / max(n_keep, 1))).backward()
+            mine = [loss.detach(), stats.ce.sum(), b["attention_mask"].sum(), stats.kept.sum()]
+            sums += torch.tensor([float(x) for x in mine], dtype=torch.float64)
+            threshold = torch.minimum(threshold, stats.threshold.detach().double().min().cpu())
+        if world > 1:
+            stat_sums = sums.to(device)
+            torch.distributed.all_reduce(stat_sums)
+            sums = stat_sums.cpu()
+            low = threshold.to(device)
+            torch.distributed.all_reduce(low, op=torch.distributed.ReduceOp.MIN)
+            threshold = low.cpu()
+        tokens += int(sums[2])
+        if int(sums[3]) != n_keep:  # the tokens the loss kept, over all ranks, against the count it was divided by
+            raise RuntimeError(f"step {step}: the loss kept {int(sums[3])} tokens, {n_keep} were expected")
 
-        # clip, step, clear
+        # clip, step, clear (every rank holds the same, globally summed gradient)
         grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -207,8 +293,9 @@ def train(
         last = step == cfg.steps or step == stop_at
         if step % cfg.log_every == 0 or last or (cfg.eval_every and step % cfg.eval_every == 0):
             dt = time.perf_counter() - t0
-            entry = {"step": step, "loss": loss_sum / max(n_keep, 1), "loss_all": ce_sum / max(n_valid, 1),
-                     "kept": n_keep / max(n_valid, 1), "threshold": min(thresholds), "lr": lr,
+            entry = {"step": step, "loss": float(sums[0]) / max(n_keep, 1),
+                     "loss_all": float(sums[1]) / max(n_valid, 1), "kept": n_keep / max(n_valid, 1),
+                     "threshold": float(threshold), "lr": lr,
                      "grad_norm": grad_norm, "tok_per_s": tokens / max(dt, 1e-9)}  # fmt: skip
             if eval_data is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps):
                 entry["eval_loss"] = evaluate(model, eval_data, batch_size=cfg.batch_size, backend=cfg.backend)
