@@ -1,8 +1,8 @@
 """Timing, the matmul rate, and peak memory, each the way `bench/run.py` reports it.
 
 Times: forward+backward of one step, methods alternating within each repetition after a warm-up,
-medians over repetitions. Rate: ``torch.mm`` of an ``[m, D] @ [D, V]`` LM-head product into a
-preallocated output, timed in the same alternation. Memory: one step in a fresh process
+medians over repetitions. Rate: a 2048^3 fp32 GEMM by ``torch.mm`` and by oneDNN, timed in the
+same alternation; the faster gives the floor. Memory: one step in a fresh process
 (`peak_growth_child`): the resident-set high-water mark minus the resident set once the inputs
 exist (CPU), or ``torch.cuda.max_memory_allocated`` minus the allocated bytes (CUDA).
 """
@@ -56,34 +56,46 @@ def flop_floor(n: int, d: int, v: int, keep_ratio: float, task: str) -> float:
 
 
 class MatmulRate:
-    """``torch.mm([m, D] @ [D, V])`` into a preallocated output; ``m = min(N, 1024)``."""
+    """The machine's fp32 GEMM rate: a 2048 x 2048 x 2048 product by each GEMM torch offers.
 
-    def __init__(self, x: Inputs) -> None:
-        m = min(x.hidden.shape[0], 1024)
-        self.a = x.hidden.detach()[:m]
-        self.b = x.weight.detach().T
-        self.out = torch.empty(m, x.weight.shape[0], device=x.hidden.device)
-        self.flops = 2.0 * m * self.a.shape[1] * self.b.shape[1]
+    ``torch.mm`` (MKL on CPU, into a preallocated output) and, on CPU, oneDNN's linear; the
+    floor uses the faster of the two, so that it flatters no method.
+    """
 
-    def __call__(self) -> None:
-        torch.mm(self.a, self.b, out=self.out)
+    SIZE = 2048
+
+    def __init__(self, device: str) -> None:
+        g = torch.Generator(device="cpu").manual_seed(1)
+        self.a = torch.randn(self.SIZE, self.SIZE, generator=g).to(device)
+        self.b = torch.randn(self.SIZE, self.SIZE, generator=g).to(device)
+        self.out = torch.empty_like(self.a)
+        self.flops = 2.0 * self.SIZE**3
+        self.gemms: dict[str, Callable[[], object]] = {"mm": lambda: torch.mm(self.a, self.b.T, out=self.out)}
+        if device == "cpu" and torch.backends.mkldnn.is_available():
+            linear = torch.ops.mkldnn._linear_pointwise
+            self.gemms["onednn"] = lambda: linear(self.a, self.b, None, "none", [], "")
+
+    def rates(self, device: str) -> dict[str, float]:
+        """flop/s of one call of each GEMM."""
+        return {name: self.flops / timed(gemm, device) for name, gemm in self.gemms.items()}
 
 
 def time_methods(
     x: Inputs, methods: list[str], tasks: list[str], reps: int, device: str
-) -> tuple[dict[tuple[str, str], list[float]], list[float]]:
-    """Times of every ``(method, task)`` and matmul rates (flop/s), all alternating per repetition."""
-    rate = MatmulRate(x)
+) -> tuple[dict[tuple[str, str], list[float]], dict[str, list[float]]]:
+    """Times of every ``(method, task)`` and of each GEMM's rate (flop/s), alternating per repetition."""
+    gemm = MatmulRate(device)
     jobs: dict[tuple[str, str], Callable[[], None]] = {
         (m, t): (lambda m=m, t=t: step(m, x, t)) for t in tasks for m in methods
     }
     for job in jobs.values():  # warm-up: compilation, first-touch of pages, library buffers
         job()
-    rate()
+    gemm.rates(device)
     times: dict[tuple[str, str], list[float]] = {k: [] for k in jobs}
-    rates: list[float] = []
+    rates: dict[str, list[float]] = {name: [] for name in gemm.gemms}
     for _ in range(reps):
-        rates.append(rate.flops / timed(rate, device))
+        for name, r in gemm.rates(device).items():
+            rates[name].append(r)
         for key, job in jobs.items():
             times[key].append(timed(job, device))
     x.zero_grad()

@@ -27,7 +27,8 @@ class Row:
     reps: int
     time_s: float  # median forward+backward
     time_min_s: float
-    rate_gflops: float  # median fp32 matmul rate, same run, same shape
+    rate_gflops: float  # median fp32 GEMM rate, same run, same shape: the faster of torch.mm and oneDNN
+    rate_mm_gflops: float  # torch.mm's alone
     floor_s: float  # flop_floor / rate
     x_floor: float  # time_s / floor_s
     x_naive: float  # time_s / naive's time_s

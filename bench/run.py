@@ -101,8 +101,9 @@ def main() -> None:
         x = Inputs.make(n, d, v, args.keep, args.device)
         times, rates = measure.time_methods(x, methods, args.tasks, reps, args.device)
         del x
-        rate = measure.median(rates)
-        print(f"N={n} D={d} V={v}: matmul {rate / 1e9:.0f} GFLOP/s", flush=True)
+        gemm_rates = {name: measure.median(r) for name, r in rates.items()}
+        rate = max(gemm_rates.values())
+        print(f"N={n} D={d} V={v}: fp32 GEMM GFLOP/s " + ", ".join(f"{k} {r / 1e9:.0f}" for k, r in gemm_rates.items()))
         for task in args.tasks:
             floor = measure.flop_floor(n, d, v, args.keep, task) / rate
             naive_t = measure.median(times[("naive", task)]) if "naive" in methods else math.nan
@@ -119,6 +120,7 @@ def main() -> None:
                         threads=torch.get_num_threads(), task=task, method=m, n=n, d=d, v=v,
                         keep_ratio=args.keep if task == "slm" else 1.0, reps=reps,
                         time_s=t, time_min_s=min(times[(m, task)]), rate_gflops=rate / 1e9,
+                        rate_mm_gflops=gemm_rates["mm"] / 1e9,
                         floor_s=floor, x_floor=t / floor, x_naive=t / naive_t,
                         mem_mib=mems[m], mem_x_naive=mems[m] / mems.get("naive", math.nan), grads_mib=grads,
                         work_mib=mems[m] - grads,

@@ -1,17 +1,31 @@
-"""Pure-PyTorch backend that never holds more than one chunk of logits.
+"""Pure-PyTorch backend that never holds more than one tile of logits.
 
-Forward: valid tokens in chunks of rows; each chunk's logits give its ``lse`` and ``ce`` and are
-dropped. Selection over the per-token excess (O(N) memory). Backward: only the kept rows,
-recomputing their logits once per chunk,
+Forward: valid tokens in blocks of rows, the vocabulary in blocks of columns; each tile's
+``logsumexp`` is merged into a running one per row and the tile is dropped, giving ``lse`` and
+``ce``. Selection over the per-token excess (O(N) memory). Backward: only the kept rows, gathered
+once per block, recomputing each tile of their logits once, with ``lse`` from the forward,
 
     d z_i = g_i * (softmax(z_i) - onehot(t_i))            (times 1 - tanh^2 under a softcap)
     d hidden_i = d z_i @ W,   d W = sum_i d z_i^T hidden_i,   d bias = sum_i d z_i
 
 where ``g_i`` is the upstream gradient of token ``i``'s term of the loss.
+
+How it stays near the matmul floor ``(2 + 6 r) N D V`` (measurements in ``bench/NOTES.md``):
+
+- Tiles span many rows and few vocabulary columns, as many as the memory budget allows: every
+  product then has long dimensions (``h @ W_c^T``, ``d z_c^T @ h`` over all kept rows,
+  ``W_c^T @ d z_c^T``), which the GEMM runs near its peak. A block of few rows against the whole
+  vocabulary instead makes it re-pack all of ``W`` for a few rows' worth of work.
+- On CPU in fp32, products go through oneDNN where this torch has it; it runs these shapes at
+  about twice the rate of MKL's ``torch.mm`` on AVX-512 machines.
+- Backward tiles are ``[cols, rows]``, so ``-lse`` of each row is the product's bias and one
+  in-place ``exp_`` gives the softmax; ``g_i`` scales ``[rows, D]`` operands, never the tile.
+- Rows are views of ``hidden`` when every token is valid; otherwise one gather per block of rows.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import replace
 
 import torch
@@ -21,16 +35,43 @@ from torch.autograd.function import once_differentiable
 from ..problem import LossProblem, SelectionStats, make_stats, reduce_loss
 from ..selection import select
 
-# Working memory for one chunk's logits-sized buffers; the chunk's row count follows from it.
-CHUNK_BUDGET_BYTES = 64 * 2**20
-# Logits-sized buffers alive at once: the logits and one temporary (logsumexp's, or tanh's).
+# Working memory for one tile's logits-sized buffers; the tile's shape follows from it.
+CHUNK_BUDGET_BYTES = 32 * 2**20
+# Logits-sized buffers alive at once: the tile, and a second one (log-softmax's output in the
+# forward; the capped logits under a softcap in the backward).
 CHUNK_BUFFERS = 2
+# Fewest vocabulary columns in a tile: below this, blocks of rows shrink instead.
+MIN_TILE_COLS = 64
 
 
-def chunk_rows(p: LossProblem) -> int:
-    """Rows per chunk such that ``CHUNK_BUFFERS`` buffers of ``[rows, V]`` fit the budget."""
-    row_bytes = p.weight.shape[0] * p.compute_dtype.itemsize * CHUNK_BUFFERS
-    return max(1, CHUNK_BUDGET_BYTES // row_bytes)
+def tile_shape(p: LossProblem, n_rows: int) -> tuple[int, int]:
+    """``(rows, cols)`` of a tile over ``n_rows`` rows, ``CHUNK_BUFFERS`` of which fit the budget.
+
+    All rows in one block while that leaves ``MIN_TILE_COLS`` columns; fewer rows beyond.
+    """
+    elems = max(1, CHUNK_BUDGET_BYTES // (p.compute_dtype.itemsize * CHUNK_BUFFERS))
+    n_vocab, dim = p.weight.shape
+    cols = min(n_vocab, max(MIN_TILE_COLS, elems // max(n_rows, 1)))
+    rows = max(1, min(n_rows, elems // cols, elems // dim))
+    return rows, cols
+
+
+def _onednn_linear():
+    """oneDNN's ``x @ w.T + b`` for dense CPU tensors, or None where this torch build lacks it."""
+    try:
+        return torch.ops.mkldnn._linear_pointwise if torch.backends.mkldnn.is_available() else None
+    except (AttributeError, RuntimeError):
+        return None
+
+
+_ONEDNN_LINEAR = _onednn_linear()
+
+
+def _linear(x: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
+    """``x @ w.T (+ b)``, ``b`` per column of the result. ``w`` may be a transposed view; ``x`` is contiguous."""
+    if _ONEDNN_LINEAR is not None and x.device.type == "cpu" and x.dtype == w.dtype == torch.float32:
+        return _ONEDNN_LINEAR(x, w, b, "none", [], "")
+    return x @ w.T if b is None else torch.addmm(b, x, w.T)
 
 
 def _head(p: LossProblem) -> tuple[Tensor, Tensor | None]:
@@ -39,62 +80,145 @@ def _head(p: LossProblem) -> tuple[Tensor, Tensor | None]:
     return p.weight.to(dtype), None if p.bias is None else p.bias.to(dtype)
 
 
-def _logits(p: LossProblem, h: Tensor, w: Tensor, b: Tensor | None) -> tuple[Tensor, Tensor | None]:
-    """``z = cap(h @ w.T + b)``; under a softcap also returns ``tanh(u / c)`` for the backward."""
-    z = h @ w.T if b is None else torch.addmm(b, h, w.T)
-    if p.softcap is None:
-        return z, None
-    tanh = z.div_(p.softcap).tanh_()
-    return tanh * p.softcap, tanh
+def _capped(p: LossProblem, z: Tensor) -> Tensor:
+    """``c * tanh(z / c)`` in place under a softcap ``c``; ``z`` unchanged without one."""
+    return z if p.softcap is None else z.div_(p.softcap).tanh_().mul_(p.softcap)
+
+
+def _row_blocks(p: LossProblem, idx: Tensor, contiguous: bool, step: int) -> Iterator[tuple[slice, Tensor, Tensor]]:
+    """``(positions in idx, rows of hidden, targets)`` per block of ``step`` tokens of ``idx``.
+
+    When ``contiguous`` (``idx`` is ``0 .. N-1``) the rows are views of ``hidden``; otherwise one
+    gather per block.
+    """
+    for start in range(0, idx.shape[0], step):
+        pos = slice(start, min(start + step, idx.shape[0]))
+        if contiguous:
+            yield pos, p.hidden[pos], p.targets[pos]
+        else:
+            rows = idx[pos]
+            yield pos, p.hidden.index_select(0, rows), p.targets.index_select(0, rows)
+
+
+def _col_blocks(n_vocab: int, step: int) -> Iterator[slice]:
+    """Slices of the vocabulary, ``step`` columns each."""
+    for start in range(0, n_vocab, step):
+        yield slice(start, min(start + step, n_vocab))
+
+
+def _targets_in(t: Tensor, cols: slice) -> tuple[Tensor, Tensor]:
+    """``(rows, column)``: the rows whose target falls in ``cols``, and its column there."""
+    rows = ((t >= cols.start) & (t < cols.stop)).nonzero().squeeze(1)
+    return rows, t[rows] - cols.start
 
 
 def _forward(p: LossProblem) -> tuple[Tensor, Tensor]:
-    """``(ce, lse)`` per token in the compute dtype, 0 at ignored tokens, which cost nothing."""
+    """``(ce, lse)`` per token in the compute dtype, 0 at ignored tokens, which cost nothing.
+
+    Per ``[rows, cols]`` tile, ``log_softmax`` into the second buffer gives the tile's
+    logsumexp (``z - log_softmax(z)`` at any column), merged across tiles with ``logaddexp``.
+    """
     dtype = p.compute_dtype
-    n = p.targets.shape[0]
+    n, n_vocab = p.targets.shape[0], p.weight.shape[0]
     ce = torch.zeros(n, dtype=dtype, device=p.hidden.device)
     lse = torch.zeros_like(ce)
     w, b = _head(p)
-    rows = p.valid.nonzero().squeeze(1)
-    for idx in rows.split(chunk_rows(p)):
-        z, _ = _logits(p, p.hidden.index_select(0, idx).to(dtype), w, b)
-        lse_chunk = torch.logsumexp(z, dim=1)
-        lse[idx] = lse_chunk
-        ce[idx] = lse_chunk - z.gather(1, p.targets[idx, None]).squeeze(1)
+    valid = p.valid
+    contiguous = bool(valid.all())
+    idx = torch.arange(n, device=valid.device) if contiguous else valid.nonzero().squeeze(1)
+    step, width = tile_shape(p, idx.shape[0])
+    scratch = torch.empty(min(step, idx.shape[0]) * width, dtype=dtype, device=p.hidden.device)
+    for pos, h, t in _row_blocks(p, idx, contiguous, step):
+        h = h.to(dtype)
+        lse_rows = torch.full((h.shape[0],), float("-inf"), dtype=dtype, device=h.device)
+        z_target = torch.zeros_like(lse_rows)
+        for cols in _col_blocks(n_vocab, width):
+            z = _capped(p, _linear(h, w[cols], None if b is None else b[cols]))
+            hit, col = _targets_in(t, cols)
+            z_target[hit] = z[hit, col]
+            log_probs = torch.log_softmax(z, dim=1, out=scratch[: z.numel()].view_as(z))
+            lse_rows = torch.logaddexp(lse_rows, z[:, 0] - log_probs[:, 0])
+            del z, log_probs
+        rows = pos if contiguous else idx[pos]
+        lse[rows] = lse_rows
+        ce[rows] = lse_rows - z_target
     return ce, lse
 
 
-def _backward(
-    p: LossProblem, lse: Tensor, kept_idx: Tensor, g: Tensor, needs: tuple[bool, bool, bool]
-) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-    """Gradients of ``sum_i g_i * ce_i`` over the kept rows ``kept_idx`` (``g`` aligned with them)."""
+class _Grads:
+    """``d hidden``, ``d W``, ``d bias`` (those needed), accumulated one ``[cols, rows]`` tile at a time.
+
+    The tile ``(d z / g)^T`` is contiguous, the operand layout oneDNN reads best:
+    ``d W_c = (d z / g)^T @ (g h)`` and ``(d h / g)^T = W_c^T @ (d z / g)^T``, the latter with a
+    transposed copy of the ``[cols, D]`` slice of ``W`` per tile.
+    """
+
+    def __init__(self, p: LossProblem, w: Tensor, needs: tuple[bool, ...]) -> None:
+        dtype, (n_vocab, dim) = p.compute_dtype, w.shape
+        self.p, self.w = p, w
+        self.dh = torch.zeros_like(p.hidden) if needs[0] else None
+        self.dw = torch.zeros(n_vocab, dim, dtype=dtype, device=w.device) if needs[1] else None
+        self.db = torch.zeros(n_vocab, dtype=dtype, device=w.device) if needs[2] else None
+
+    def start_rows(self, h: Tensor, g: Tensor) -> None:
+        """A block of rows ``h`` with upstream gradients ``g`` begins; ``g`` scales ``[rows, D]`` operands only."""
+        self.g = g
+        self.hg = h * g[:, None] if self.dw is not None else None
+        self.dh_t = h.new_zeros(h.shape[1], h.shape[0]) if self.dh is not None else None
+
+    def add(self, dz_t: Tensor, cols: slice) -> None:
+        """One tile ``(d z / g)^T``, ``[cols, rows]``, contiguous."""
+        if self.dh_t is not None:
+            self.dh_t.add_(_linear(self.w[cols].T.contiguous(), dz_t.T))
+        if self.dw is not None:
+            self.dw[cols].add_(_linear(dz_t, self.hg.T))
+        if self.db is not None:
+            self.db[cols].addmv_(dz_t, self.g)
+
+    def end_rows(self, rows: Tensor) -> None:
+        """The current block of rows is done: its ``d hidden`` goes to token indices ``rows``."""
+        if self.dh is not None:
+            self.dh[rows] = (self.dh_t.T * self.g[:, None]).to(self.dh.dtype)
+
+    def result(self) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        """The gradients in the inputs' dtypes."""
+        return (
+            self.dh,
+            None if self.dw is None else self.dw.to(self.p.weight.dtype),
+            None if self.db is None else self.db.to(self.p.bias.dtype),
+        )
+
+
+def _backward(p: LossProblem, lse: Tensor, kept_idx: Tensor, g: Tensor, grads: _Grads) -> None:
+    """Gradients of ``sum_i g_i * ce_i`` over the kept rows ``kept_idx`` (``g`` aligned with them).
+
+    Tiles are ``[cols, rows]``: ``W_c @ h^T`` takes ``-lse`` of each row as the bias of its column,
+    so that one ``exp_`` gives the softmax (with a bias or a softcap, which come first, two passes).
+    """
     dtype = p.compute_dtype
     w, b = _head(p)
-    n_vocab, dim = w.shape
-    dh = torch.zeros_like(p.hidden) if needs[0] else None
-    dw = torch.zeros(n_vocab, dim, dtype=dtype, device=w.device) if needs[1] else None
-    db = torch.zeros(n_vocab, dtype=dtype, device=w.device) if needs[2] else None
-    step = chunk_rows(p)
-    for start in range(0, kept_idx.shape[0], step):
-        idx = kept_idx[start : start + step]
-        h = p.hidden.index_select(0, idx).to(dtype)
-        dz, tanh = _logits(p, h, w, b)
-        dz.sub_(lse[idx, None]).exp_()  # softmax, in place
-        dz[torch.arange(idx.shape[0], device=idx.device), p.targets[idx]] -= 1.0
-        dz.mul_(g[start : start + step, None])
-        if tanh is not None:
-            dz.mul_(tanh.square_().neg_().add_(1.0))  # d cap(u) / du = 1 - tanh^2
-        if dh is not None:
-            dh.index_copy_(0, idx, (dz @ w).to(dh.dtype))
-        if dw is not None:
-            dw.addmm_(dz.T, h)
-        if db is not None:
-            db.add_(dz.sum(dim=0))
-    return (
-        dh,
-        None if dw is None else dw.to(p.weight.dtype),
-        None if db is None else db.to(p.bias.dtype),
-    )
+    step, width = tile_shape(p, kept_idx.shape[0])
+    for pos, h, t in _row_blocks(p, kept_idx, False, step):
+        h = h.to(dtype)
+        neg_lse = -lse[kept_idx[pos]]
+        grads.start_rows(h, g[pos])
+        for cols in _col_blocks(w.shape[0], width):
+            if b is None and p.softcap is None:
+                z_t = None
+                dz_t = _linear(w[cols], h, neg_lse).exp_()  # softmax^T
+            else:
+                z_t = _linear(w[cols], h)
+                if b is not None:
+                    z_t.add_(b[cols, None])
+                z_t = _capped(p, z_t)
+                dz_t = torch.add(z_t, neg_lse).exp_()
+            hit, col = _targets_in(t, cols)
+            dz_t[col, hit] -= 1.0
+            if z_t is not None and p.softcap is not None:  # d cap(u) / du = 1 - tanh^2, tanh = z / c
+                dz_t.mul_(z_t.div_(p.softcap).square_().neg_().add_(1.0))
+            grads.add(dz_t, cols)
+            del z_t, dz_t
+        grads.end_rows(kept_idx[pos])
 
 
 class _SelectiveLoss(torch.autograd.Function):
@@ -123,8 +247,9 @@ class _SelectiveLoss(torch.autograd.Function):
             g = grad_loss.expand(kept_idx.shape[0])
         else:
             g = (grad_loss / total_kept.clamp(min=1)).expand(kept_idx.shape[0])
-        dh, dw, db = _backward(p, lse, kept_idx, g, ctx.needs_input_grad[:3])
-        return dh, dw, db, None
+        grads = _Grads(p, p.weight.to(p.compute_dtype), ctx.needs_input_grad)
+        _backward(p, lse, kept_idx, g, grads)
+        return (*grads.result(), None)
 
 
 def selective_loss(p: LossProblem) -> tuple[Tensor, SelectionStats]:
@@ -135,5 +260,5 @@ def selective_loss(p: LossProblem) -> tuple[Tensor, SelectionStats]:
 
 @torch.no_grad()
 def token_losses(p: LossProblem) -> Tensor:
-    """Per-token cross-entropy, fp32, 0 at ignored tokens; one chunk of logits at a time."""
+    """Per-token cross-entropy, fp32, 0 at ignored tokens; one tile of logits at a time."""
     return _forward(p)[0].float()
