@@ -138,17 +138,17 @@ def check_values(p: LossProblem) -> None:
         return
     valid = p.valid
     vocab = p.weight.shape[0]
-    bad = valid & ((p.targets < 0) | (p.targets >= vocab))
-    if bool(bad.any()):
-        i = int(bad.nonzero()[0, 0])
+    bad_target = valid & ((p.targets < 0) | (p.targets >= vocab))
+    bad_ref = valid & ~torch.isfinite(p.ref_loss) if p.ref_loss is not None else torch.zeros_like(valid)
+    any_bad_target, any_bad_ref = torch.stack([bad_target.any(), bad_ref.any()]).tolist()  # one read-back
+    if any_bad_target:
+        i = int(bad_target.nonzero()[0, 0])
         raise ValueError(
             f"targets must be in [0, V) = [0, {vocab}) or equal ignore_index ({p.ignore_index}); "
             f"got {int(p.targets[i])} at flattened position {i}"
         )
-    if p.ref_loss is not None:
-        bad = valid & ~torch.isfinite(p.ref_loss)
-        if bool(bad.any()):
-            i = int(bad.nonzero()[0, 0])
-            raise ValueError(
-                f"ref_loss must be finite where targets are valid; got {float(p.ref_loss[i])} at flattened position {i}"
-            )
+    if any_bad_ref:
+        i = int(bad_ref.nonzero()[0, 0])
+        raise ValueError(
+            f"ref_loss must be finite where targets are valid; got {float(p.ref_loss[i])} at flattened position {i}"
+        )
