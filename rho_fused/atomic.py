@@ -1,13 +1,18 @@
 """Atomic writes: an output appears complete under its final name, or not at all.
 
 Everything is first written to a temporary sibling (same directory, so the final rename stays on
-one file system), then renamed into place. An interrupted run leaves the previous output intact
-and, at worst, a ``.tmp-*`` sibling that the next run ignores.
+one file system), then renamed into place. A directory cannot be renamed over a non-empty one, so
+replacing an output takes two renames (the old one aside, the new one in); a process killed
+between them leaves the complete previous output as a ``.NAME.old-PID`` sibling, which `recover`
+(called by every reader here and by the next `atomic_dir`) puts back. An interrupted run thus
+leaves the previous output intact, and at worst a ``.NAME.tmp-PID-*`` sibling, removed by the next
+successful write once process PID is gone.
 """
 
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import shutil
@@ -25,10 +30,12 @@ def atomic_dir(path: str | os.PathLike, *, overwrite: bool = True) -> Iterator[P
     On an exception the temporary directory is removed and ``path`` is untouched.
     """
     final = Path(path)
+    recover(final)
+    remove_stale(final)
     if final.exists() and not overwrite:
         raise FileExistsError(f"{final} already exists; pass overwrite=True (--overwrite) to replace it")
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-{os.getpid()}-", dir=final.parent))
     try:
         yield tmp
     except BaseException:
@@ -42,13 +49,56 @@ def atomic_dir(path: str | os.PathLike, *, overwrite: bool = True) -> Iterator[P
     os.replace(tmp, final)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+    remove_stale(final)
+
+
+def recover(path: str | os.PathLike) -> bool:
+    """Put back the previous output of a write killed between `atomic_dir`'s two renames.
+
+    When ``path`` is missing and a ``.NAME.old-PID`` sibling (always complete: it was the output
+    before the write) exists, rename the newest one to ``path``. Safe when several processes
+    call it at once. Returns whether something was put back.
+    """
+    final = Path(path)
+    if final.exists() or not final.parent.is_dir():
+        return False
+    olds = sorted(final.parent.glob(f".{glob.escape(final.name)}.old-*"), key=lambda p: p.stat().st_mtime)
+    if not olds:
+        return False
+    with contextlib.suppress(FileNotFoundError, OSError):  # another process may have put it back first
+        os.replace(olds[-1], final)
+    return final.exists()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale(path: str | os.PathLike) -> None:
+    """Remove the ``.NAME.tmp-PID-*`` and ``.NAME.old-PID`` siblings of ``path`` left by dead processes."""
+    final = Path(path)
+    for sibling in final.parent.glob(f".{glob.escape(final.name)}.*"):
+        kind, _, rest = sibling.name[len(final.name) + 2 :].partition("-")
+        pid = rest.split("-")[0]
+        if kind in ("tmp", "old") and pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            if sibling.is_dir():
+                shutil.rmtree(sibling, ignore_errors=True)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    sibling.unlink()
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
     """Write ``text`` to ``path`` atomically (temporary file in the same directory, then rename)."""
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.tmp-", dir=final.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.tmp-{os.getpid()}-", dir=final.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)

@@ -55,6 +55,7 @@ def distributed_from_env(device: str | None) -> Iterator[int]:
         transformers.utils.logging.disable_progress_bar()
     try:
         yield dist.get_rank()
+        dist.barrier()  # leave together, once rank 0 has written everything: no rank tears down under another
     finally:
         dist.destroy_process_group()
 

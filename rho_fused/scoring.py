@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .atomic import atomic_dir, write_json
+from .atomic import atomic_dir, recover, write_json
 from .data import pad_batch, rank_and_world
 from .hf import final_hidden_states, lm_head_of, shift_left, shift_right
 from .loss import token_losses
@@ -196,6 +196,7 @@ def score_corpus(
 
 def read_meta(path: str | os.PathLike) -> dict[str, Any]:
     """The ``rho_fused.json`` metadata of a scored dataset directory."""
+    recover(path)  # a run killed while replacing this output left the previous one aside
     meta_path = Path(path) / META_FILE
     if not meta_path.is_file():
         raise FileNotFoundError(f"{path} is not a scored dataset from `rho-fused score`: {META_FILE} is missing")

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .atomic import atomic_dir, write_json
+from .atomic import atomic_dir, recover, write_json
 from .data import pad_batch, rank_and_world, shard_bounds
 from .hf import causal_lm_loss, kept_count
 
@@ -220,6 +220,8 @@ def train(
     order = BatchOrder(len(data), cfg.batch_size, cfg.seed)
     step, history = 0, []
     if resume:
+        if ckpt is not None:
+            recover(ckpt)  # a run killed while replacing its checkpoint left the previous one aside
         if ckpt is None or not (ckpt / "state.pt").is_file():
             raise FileNotFoundError(f"no checkpoint to resume from at {ckpt}")
         state = torch.load(ckpt / "state.pt", map_location=device, weights_only=False)

@@ -1,0 +1,118 @@
+"""`rho-fused score` and `rho-fused train` under torchrun with 2 CPU processes (gloo) against 1 process.
+
+Scoring: the 2-process output is byte for byte the 1-process one. Training with keep_ratio < 1:
+the same global batch each step, split over the ranks, must give the same selection (global, not
+per rank), the same summed gradient (DDP averages, so the loss is scaled by the world size) and so
+the same weights. The per-step log is compared too: ``grad_norm`` (before clipping) would be off
+by the world size if the scaling were wrong, where AdamW alone would hide it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from pipeline_fixtures import TEXTS, make_tokenizer, one_thread, tiny_llama
+
+from rho_fused.cli import main
+
+SEQ_LEN = 24
+
+
+def torchrun(nproc: int, argv: list[str], timeout: float = 180) -> subprocess.CompletedProcess:
+    """``python -m torch.distributed.run --standalone --nproc-per-node N -m rho_fused ARGV`` on CPU."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "-m", "rho_fused", *argv]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    """A tiny reference model (also the config trained from) with its tokenizer, and a text corpus."""
+    root = tmp_path_factory.mktemp("torchrun")
+    tok = make_tokenizer(300)
+    tiny_llama(len(tok), seed=3).save_pretrained(root / "ref")
+    tok.save_pretrained(root / "ref")
+    (root / "corpus.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS[:30]))
+    return root
+
+
+def score_argv(root: Path, out: str) -> list[str]:
+    return ["score", "--ref-model", str(root / "ref"), "--corpus", str(root / "corpus.jsonl"), "--out", str(root / out),
+            "--seq-len", str(SEQ_LEN), "--batch-size", "3", "--no-progress"]  # fmt: skip
+
+
+def train_argv(root: Path, out: str, *extra: str) -> list[str]:
+    """5 rows a step (shards of 2 and 3 rows), 2 micro-batches a step, keep 60%, clipping active."""
+    return ["train", "--data", str(root / "scored1"), "--config", str(root / "ref"), "--out", str(root / out),
+            "--steps", "4", "--batch-size", "5", "--accum-steps", "2", "--warmup-steps", "1", "--lr", "3e-3",
+            "--keep-ratio", "0.6", "--grad-clip", "1.0", "--seed", "1", "--log-every", "1", "--checkpoint-every", "1",
+            "--no-progress", *extra]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def scored(workdir: Path) -> Path:
+    """The corpus scored by one process (in this process, one thread, as each torchrun worker)."""
+    with one_thread():
+        assert main(score_argv(workdir, "scored1")) == 0
+    return workdir / "scored1"
+
+
+def test_torchrun_score_equals_one_process(workdir: Path, scored: Path) -> None:
+    proc = torchrun(2, score_argv(workdir, "scored2"))
+    assert proc.stdout.count("scored ") == 1  # rank 0 alone prints
+    one, two = scored, workdir / "scored2"
+    assert json.loads((one / "rho_fused.json").read_text()) == json.loads((two / "rho_fused.json").read_text())
+    import datasets
+
+    a, b = datasets.load_from_disk(str(one)), datasets.load_from_disk(str(two))
+    assert len(a) == len(b) == json.loads((one / "rho_fused.json").read_text())["n_sequences"] > 6
+    for ra, rb in zip(a, b, strict=True):
+        assert ra["input_ids"] == rb["input_ids"]
+        assert np.array_equal(np.asarray(ra["ref_loss"], np.float32), np.asarray(rb["ref_loss"], np.float32))
+    assert not [p for p in workdir.iterdir() if ".tmp-" in p.name or ".old-" in p.name]
+
+
+def test_torchrun_train_equals_one_process_on_the_same_global_batch(workdir: Path, scored: Path) -> None:
+    from safetensors.torch import load_file
+
+    with one_thread():
+        assert main(train_argv(workdir, "train1")) == 0
+    proc = torchrun(2, train_argv(workdir, "train2"))
+    assert proc.stdout.count("trained ") == 1
+
+    h1 = json.loads((workdir / "train1" / "history.json").read_text())
+    h2 = json.loads((workdir / "train2" / "history.json").read_text())
+    assert [h["step"] for h in h1] == [h["step"] for h in h2] == [1, 2, 3, 4]
+    for a, b in zip(h1, h2, strict=True):
+        # the same selection: the tokens actually kept (counted over both ranks) and the threshold
+        assert a["kept"] == b["kept"] and a["kept"] < 0.61
+        assert b["threshold"] == pytest.approx(a["threshold"], rel=1e-5, abs=1e-6)
+        # the same summed gradient: its norm before clipping (a wrong DDP scaling would halve or double it)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5)
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-6)
+        assert b["loss_all"] == pytest.approx(a["loss_all"], rel=1e-6)
+    assert any(h["grad_norm"] > 1.0 for h in h1)  # clipping is active: the gradient's scale reaches the weights
+
+    w1 = load_file(workdir / "train1" / "model" / "model.safetensors")
+    w2 = load_file(workdir / "train2" / "model" / "model.safetensors")
+    init = tiny_llama(300, seed=3).state_dict()
+    assert w1.keys() == w2.keys()
+    diff = max(float((w1[k] - w2[k]).abs().max()) for k in w1)
+    moved = max(float((w1[k] - init[k]).abs().max()) for k in w1)
+    print(f"max |w(1 process) - w(2 processes)| = {diff:.3g}; max |w - w0| = {moved:.3g}")
+    assert moved > 1e-2  # training moved the weights far more than the tolerance below
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], rtol=1e-5, atol=1e-5, msg=k)
+    # rank 0 alone wrote; the checkpoint holds the last step and resumes
+    state = torch.load(workdir / "train2" / "checkpoint" / "state.pt", weights_only=False)
+    assert state["step"] == 4
