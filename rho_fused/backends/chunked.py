@@ -51,7 +51,8 @@ def tile_shape(p: LossProblem, n_rows: int) -> tuple[int, int]:
     """
     elems = max(1, CHUNK_BUDGET_BYTES // (p.compute_dtype.itemsize * CHUNK_BUFFERS))
     n_vocab, dim = p.weight.shape
-    cols = min(n_vocab, max(MIN_TILE_COLS, elems // max(n_rows, 1)))
+    # At most a tile's worth of columns of W (the backward copies W_c^T once per tile).
+    cols = min(n_vocab, max(MIN_TILE_COLS, min(elems // max(n_rows, 1), elems // dim)))
     rows = max(1, min(n_rows, elems // cols, elems // dim))
     return rows, cols
 
