@@ -3,7 +3,8 @@
 The logits exist only as ``[BLOCK_N, BLOCK_V]`` tiles in registers. Program ``(i, s)`` takes row
 tile ``i`` of the compacted valid rows and vocabulary slice ``s``, and writes, per row, the
 partial ``(max, sum of exp, target logit)`` of its slice; `rho_fused.kernels.merge` combines the
-slices. Splitting the vocabulary fills the GPU when the row tiles alone are too few.
+slices. Splitting the vocabulary fills the GPU when the row tiles alone are too few. fp32 inputs
+take full-precision (non-TF32) dots, see `dot_precision`.
 """
 
 from __future__ import annotations
@@ -40,8 +41,9 @@ def forward_kernel(
     BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    pid_s = tl.program_id(1)
+    # The slice index varies fastest: programs in flight together share their row tile of H in L2.
+    pid_s = tl.program_id(0)
+    pid_n = tl.program_id(1)
     count = tl.load(COUNT)
     if pid_n * BLOCK_N >= count:
         return  # past the valid rows: ignored rows cost nothing
@@ -88,8 +90,10 @@ class ForwardConfig:
     splits: int | None = None
 
 
-# Programs wanted per streaming multiprocessor before the vocabulary is split further.
-PROGRAMS_PER_SM = 2
+# Programs wanted per streaming multiprocessor before the vocabulary is split further. The 16-bit
+# kernel takes 255 registers x 256 threads, so one program fits on an SM at a time: programs run
+# in waves of one per SM, and eight waves keep the last, partly filled one to an eighth of the time.
+PROGRAMS_PER_SM = 8
 
 
 def default_config(dtype: torch.dtype) -> ForwardConfig:
@@ -101,7 +105,8 @@ def default_config(dtype: torch.dtype) -> ForwardConfig:
 
 
 def num_splits(n: int, v: int, cfg: ForwardConfig, device: torch.device) -> int:
-    """Vocabulary slices per row tile: ``ceil(2 * SMs / row_tiles)``, at most one per vocabulary tile."""
+    """Vocabulary slices per row tile: ``ceil(PROGRAMS_PER_SM * SMs / row_tiles)``, at most one per
+    vocabulary tile."""
     if cfg.splits is not None:
         return max(1, min(cfg.splits, triton.cdiv(v, cfg.block_v)))
     if device.type != "cuda":
@@ -112,7 +117,9 @@ def num_splits(n: int, v: int, cfg: ForwardConfig, device: torch.device) -> int:
 
 
 def dot_precision(dtype: torch.dtype) -> str:
-    """fp32 inputs get full fp32 products ("ieee"), as the contract asks; 16-bit inputs use tensor cores."""
+    """fp32 inputs get full fp32 products ("ieee": FMA dots, not TF32, whatever
+    ``torch.backends.cuda.matmul.allow_tf32`` says), as the contract asks; 16-bit inputs use the
+    tensor cores (the "tf32" setting only matters for fp32 operands)."""
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
@@ -138,7 +145,7 @@ def forward(
     v_per_split = triton.cdiv(triton.cdiv(v, splits), cfg.block_v) * cfg.block_v
     splits = triton.cdiv(v, v_per_split)  # no empty slice
     part = torch.empty(3, splits, n, dtype=torch.float32, device=hidden.device)
-    grid = (triton.cdiv(n, cfg.block_n), splits)
+    grid = (splits, triton.cdiv(n, cfg.block_n))
     if n > 0:
         forward_kernel[grid](
             hidden, weight, weight if bias is None else bias, targets, rows, count,

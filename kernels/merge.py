@@ -35,12 +35,14 @@ def merge_kernel(
     s = tl.zeros([BLOCK], dtype=tl.float32)
     t = tl.zeros([BLOCK], dtype=tl.float32)
     # Pairwise merge of (max, sum) pairs: m' = max(m, m_s); s' = s * exp(m - m') + s_s * exp(m_s - m')
-    for k in range(0, S):
-        ms = tl.load(PART_M + k * N + offs, mask=valid, other=0.0)
+    at = offs  # int64 offsets k * N + offs of slice k: S * N can pass 2^31
+    for _ in range(0, S):
+        ms = tl.load(PART_M + at, mask=valid, other=0.0)
         m_new = tl.maximum(m, ms)
-        s = s * tl.exp(m - m_new) + tl.load(PART_S + k * N + offs, mask=valid, other=0.0) * tl.exp(ms - m_new)
-        t += tl.load(PART_T + k * N + offs, mask=valid, other=0.0)
+        s = s * tl.exp(m - m_new) + tl.load(PART_S + at, mask=valid, other=0.0) * tl.exp(ms - m_new)
+        t += tl.load(PART_T + at, mask=valid, other=0.0)
         m = m_new
+        at += N
     lse = tl.where(valid, m + tl.log(tl.where(valid, s, 1.0)), 0.0)  # no log(0) at ignored rows
     ce = tl.where(valid, lse - t, 0.0)
     excess = ce

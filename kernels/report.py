@@ -5,9 +5,10 @@
 
 No GPU is needed: `triton.compile` targets a `GPUTarget`, and the CUDA tools shipped in the triton
 wheel read the cubin. Each kernel is compiled with the configuration its launcher really uses at
-N=8192, D=4096, V=128256, bf16 (no bias, no softcap: the common LM head), with the integer
-arguments specialised as the JIT would (multiples of 16 marked divisible by 16). One line per
-kernel and architecture:
+N=8192, D=4096, V=128256, bf16 (no bias, no softcap: the common LM head; the backward's ``dz``
+kernel at keep 0.6 on a full vocabulary chunk of its memory budget), with the integer arguments
+specialised as the JIT would (multiples of 16 marked divisible by 16). One line per kernel and
+architecture:
 
     kernel=NAME arch=sm90 num_warps=W num_stages=S regs=R spill_bytes=B smem_bytes=M tensor_core_ops=K
 
@@ -66,6 +67,10 @@ def specs(dtype: torch.dtype = DTYPE, extras: bool = False) -> list[KernelSpec]:
     # The vocabulary slice of a 132-SM H100 at N=8192 (the launcher computes it from the device).
     splits = max(1, triton.cdiv(forward.PROGRAMS_PER_SM * 132, triton.cdiv(N, fc.block_n)))
     v_per_split = triton.cdiv(triton.cdiv(V, splits), fc.block_v) * fc.block_v
+    # The backward at keep 0.6, every token valid: capacity ceil(0.6 N) kept rows; the second
+    # vocabulary chunk of the launcher's budget (v0 = n_cols = the chunk width).
+    capacity = -(-3 * N // 5)
+    chunk = backward.chunk_columns(capacity, V, D, dtype, bc)
     return [
         KernelSpec(
             "compact", compact.compact_kernel,
@@ -102,16 +107,16 @@ def specs(dtype: torch.dtype = DTYPE, extras: bool = False) -> list[KernelSpec]:
             ("BLOCK",), sc.num_warps, sc.num_stages,
         ),
         KernelSpec(
-            "backward", backward.backward_kernel,
+            "backward", backward.dz_kernel,
             {
-                "H": h, "W": h, "B": h, "T": "*i64", "LSE": "*fp32", "G": "*fp32", "ROWS": "*i32",
-                "COUNT": "*i32", "DH": "*fp32", "DW": "*fp32", "DB": "*fp32", "N": N, "V": V, "D": D,
-                "G_STRIDE": int(extras), "softcap": softcap, "HAS_BIAS": extras, "HAS_SOFTCAP": extras,
-                "NEED_DH": True, "NEED_DW": True, "NEED_DB": extras, "BLOCK_N": bc.block_n, "BLOCK_V": bc.block_v,
-                "BLOCK_D": bc.block_d, "GROUP_N": bc.group_n, "DOT_PRECISION": forward.dot_precision(dtype),
+                "H": h, "W": h, "B": h, "T": "*i64", "LSE": "*fp32", "G": "*fp32", "INV_SCALE": "*fp32",
+                "ROWS": "*i32", "COUNT": "*i32", "DZ": h, "DB_PART": "*fp32", "V": V, "D": D, "C": capacity,
+                "v0": chunk, "n_cols": chunk, "G_STRIDE": int(extras), "softcap": softcap,
+                "HAS_BIAS": extras, "HAS_SOFTCAP": extras, "NEED_DB": extras, "BLOCK_N": bc.block_n,
+                "BLOCK_V": bc.block_v, "BLOCK_D": bc.block_d, "GROUP_N": bc.group_n,
+                "DOT_PRECISION": forward.dot_precision(dtype),
             },
-            ("HAS_BIAS", "HAS_SOFTCAP", "NEED_DH", "NEED_DW", "NEED_DB", "BLOCK_N", "BLOCK_V", "BLOCK_D",
-             "GROUP_N", "DOT_PRECISION"),
+            ("HAS_BIAS", "HAS_SOFTCAP", "NEED_DB", "BLOCK_N", "BLOCK_V", "BLOCK_D", "GROUP_N", "DOT_PRECISION"),
             bc.num_warps, bc.num_stages,
         ),
     ]  # fmt: skip
@@ -173,6 +178,14 @@ def measure(spec: KernelSpec, arch: int) -> dict[str, int]:
     # pointer step over a [BLOCK, 1] column of pointers takes i64 offsets (the i32 steps add the
     # D-block columns, below D). Counted here so the test can insist on none narrow.
     narrow = len(re.findall(r"tt\.addptr [^\n]*tensor<\d+x1x!tt\.ptr<[^>]+>>, tensor<\d+x1xi32>", k.asm["ttir"]))
+    # The same for scalar pointers and flat [BLOCK] pointer vectors: i32 offsets there are fine
+    # below 2^31 elements (compact, select), but not in merge, whose S * N partials can pass it.
+    narrow_1d = len(
+        re.findall(
+            r"tt\.addptr [^\n]*: (?:!tt\.ptr<[^>]+>|tensor<\d+x!tt\.ptr<[^>]+>>), (?:i32|tensor<\d+xi32>)",
+            k.asm["ttir"],
+        )
+    )
     hgmma = len(re.findall(r"\bHGMMA\.", sass))
     hmma = len(re.findall(r"\bHMMA\.", sass))
     return {
@@ -183,6 +196,7 @@ def measure(spec: KernelSpec, arch: int) -> dict[str, int]:
         "hgmma": hgmma,
         "hmma": hmma,
         "narrow_row_offsets": narrow,
+        "narrow_flat_offsets": narrow_1d,
     }
 
 

@@ -4,7 +4,8 @@ Within each selection group (rows ``g * M .. (g + 1) * M``) the kept set is the 
 rows of largest excess, ties to the lower index, with ``n_keep = ceil(p * n_valid / q)`` (at
 least 1 when ``n_valid >= 1``) in integers, for ``keep_ratio = p / q``.
 
-Each fp32 excess maps to a uint32 key whose unsigned order is the float order (-inf included).
+Each fp32 excess maps to a uint32 key whose unsigned order is the float order (-inf included;
+every NaN on one key above +inf, as torch's sort orders NaN).
 Four passes of 8-bit histograms, most significant digit first, narrow down the exact key of the
 ``n_keep``-th largest value; a last pass keeps every larger key and the first ``r`` equal ones in
 index order, ``r`` being what is left of ``n_keep`` after the larger keys. The histograms are
@@ -28,10 +29,14 @@ RADIX_BINS = 256
 def _ordered_key(x):
     """uint32 key, increasing with the float: flip every bit of negatives, the sign bit of the rest.
 
-    ``-0.0`` is read as ``+0.0`` so that equal floats get equal keys.
+    ``-0.0`` is read as ``+0.0`` so that equal floats get equal keys. Every NaN, whatever its sign
+    and payload, is read as ``0x7FFFFFFF``, whose key ``0xFFFFFFFF`` is the highest: NaN ranks above
+    ``+inf``, as in torch's sort, and all NaNs tie (a NaN with its sign bit set would otherwise rank
+    below ``-inf``).
     """
     bits = x.to(tl.uint32, bitcast=True)
     bits = tl.where(x == 0.0, 0, bits).to(tl.uint32)
+    bits = tl.where(x != x, 0x7FFFFFFF, bits).to(tl.uint32)
     flip = tl.where((bits >> 31) != 0, 0xFFFFFFFF, 0x80000000).to(tl.uint32)
     return bits ^ flip
 

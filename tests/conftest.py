@@ -97,7 +97,7 @@ def small_blocks(monkeypatch):
     monkeypatch.setattr(
         backward,
         "default_config",
-        lambda dtype: backward.BackwardConfig(block_n=16, block_v=32, block_d=16, group_n=2),
+        lambda dtype: backward.BackwardConfig(block_n=16, block_v=32, block_d=16, group_n=2, budget_bytes=1),
     )
     monkeypatch.setattr(compact, "DEFAULT_CONFIG", compact.CompactConfig(block=32))
     monkeypatch.setattr(merge, "DEFAULT_CONFIG", merge.MergeConfig(block=32))

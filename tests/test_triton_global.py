@@ -31,7 +31,9 @@ def _worker(rank: int, port: int, reduction: str) -> None:
         from rho_fused.kernels import backward, forward
 
         forward.default_config = lambda dtype: forward.ForwardConfig(block_n=16, block_v=32, block_d=16, splits=2)
-        backward.default_config = lambda dtype: backward.BackwardConfig(block_n=16, block_v=32, block_d=16)
+        backward.default_config = lambda dtype: backward.BackwardConfig(
+            block_n=16, block_v=32, block_d=16, group_n=2, budget_bytes=1
+        )  # budget_bytes=1: one 32-column vocabulary chunk at a time
         case = make_case((sum(SIZES),), 16, 37, bias=True, seed=21)  # spaced excess: no rounding flips
         own = slice(sum(SIZES[:rank]), sum(SIZES[: rank + 1]))
         hidden = case.hidden.detach()[own].clone().requires_grad_()

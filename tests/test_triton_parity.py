@@ -8,6 +8,7 @@ plus a small tolerance, and within two roundings of the reference backend. Shape
 
 from __future__ import annotations
 
+import contextlib
 import zlib
 from dataclasses import replace
 
@@ -15,6 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from cases import IGNORE, Case, assert_parity, make_case, run
+from rho_fused.kernels import backward as backward_kernel
 from rho_fused.kernels import forward as forward_kernel
 
 import rho_fused
@@ -217,3 +219,93 @@ def test_small_upstream_gradient_does_not_underflow(dtype):
         # one rounding of the output apart, or one fp16 subnormal step (2^-24) where the output is that small
         err = (ours.float() - ref.float()).abs().max()
         assert err <= 2 * torch.finfo(dtype).eps * scale + 2**-24, f"{name}: {err:.3g} vs scale {scale:.3g}"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_backward_in_one_vocabulary_chunk(monkeypatch, dtype):
+    """The small_blocks budget walks the vocabulary in 32-column chunks; a large budget takes it in one."""
+    monkeypatch.setattr(
+        backward_kernel,
+        "default_config",
+        lambda dtype: backward_kernel.BackwardConfig(block_n=16, block_v=32, block_d=16, group_n=2),
+    )
+    case = make_case((3, 11), 24, 97, seed=_seed("one chunk", dtype), bias=True)
+    assert backward_kernel.chunk_columns(33, 97, 24, dtype, backward_kernel.default_config(dtype)) >= 97
+    assert_parity(case, "triton", dtype, keep_ratio=0.6, reduction="none")
+
+
+def test_chunk_columns_from_the_budget():
+    cfg = backward_kernel.BackwardConfig(block_v=128, budget_bytes=2**20)
+    # [C, Vc] bf16 within 1 MiB, a multiple of the tile width: 1 MiB / (1000 * 2) = 524 -> 512
+    assert backward_kernel.chunk_columns(1000, 128256, 64, torch.bfloat16, cfg) == 512
+    # fp16 also budgets the [Vc, D] fp32 product: 1 MiB / (1000 * 2 + 64 * 4) = 464 -> 384
+    assert backward_kernel.chunk_columns(1000, 128256, 64, torch.float16, cfg) == 384
+    # never below one tile, never past the vocabulary (rounded up to a tile)
+    assert backward_kernel.chunk_columns(10**9, 128256, 64, torch.bfloat16, cfg) == 128
+    assert backward_kernel.chunk_columns(1, 200, 64, torch.bfloat16, cfg) == 256
+
+
+def test_backward_is_bit_identical_across_runs():
+    """No atomics and no uninitialised buffer read: two backward passes give the same bits
+    (several vocabulary chunks, ignored rows, so the kept list has zero rows past its count)."""
+    case = make_case((3, 11), 24, 97, seed=23, bias=True, ignore_frac=0.4).to(torch.bfloat16)
+    first, second = (run(case, "triton", keep_ratio=0.6, reduction="none")[1] for _ in range(2))
+    for a, b in zip(first, second, strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("shape,scope", [((5, 13), "batch"), ((5, 13), "sequence"), ((71,), "batch")])
+@pytest.mark.parametrize("keep_ratio", [1.0, 0.6, 0.01])
+def test_kept_capacity_bounds_the_kept_count(shape, scope, keep_ratio):
+    """The host-side capacity of the backward's matmuls is never below the kept count, and equals it
+    when every token is valid (no zero rows then)."""
+    for ignore_frac in (0.0, 0.3):
+        case = make_case(shape, 8, 11, seed=_seed(shape, scope, keep_ratio, ignore_frac), ignore_frac=ignore_frac)
+        p = make_problem(
+            case.hidden, case.weight, case.targets, case.ref_loss, keep_ratio=keep_ratio, bias=None,
+            ignore_index=IGNORE, reduction="mean", scope=scope, softcap=None,
+        )  # fmt: skip
+        _, stats = rho_fused.backends.reference.selective_loss(p)
+        n_kept = int(stats.n_kept.sum())
+        capacity = triton_backend.kept_capacity(p)
+        assert n_kept <= capacity <= case.targets.numel()
+        if ignore_frac == 0.0:
+            assert capacity == n_kept
+
+
+def test_launches_run_under_the_device_guard(monkeypatch):
+    """Triton launches on the current CUDA device: every launch of the backend must run inside
+    `_on_device(hidden)`. Here (no GPU) the guard is a no-op context on CPU tensors, so this checks
+    the code path, that forward, backward and token_losses launch inside the guard, not that
+    ``torch.cuda.device`` picks the right GPU."""
+    assert isinstance(triton_backend._on_device(torch.zeros(1)), contextlib.nullcontext)
+    depth = []
+    real_guard = triton_backend._on_device
+
+    @contextlib.contextmanager
+    def recording_guard(t):
+        depth.append(t.device)
+        try:
+            with real_guard(t):
+                yield
+        finally:
+            depth.pop()
+
+    calls = []
+
+    def inside(name, fn):
+        def wrapped(*args, **kwargs):
+            calls.append((name, list(depth)))
+            return fn(*args, **kwargs)
+
+        return wrapped
+
+    monkeypatch.setattr(triton_backend, "_on_device", recording_guard)
+    for name in ("compact", "launch_forward", "merge", "select", "launch_backward"):
+        monkeypatch.setattr(triton_backend, name, inside(name, getattr(triton_backend, name)))
+    case = make_case((3, 11), 24, 97, seed=29, bias=True)
+    run(case, "triton", keep_ratio=0.6, reduction="mean")
+    rho_fused.token_losses(case.hidden.detach(), case.weight.detach(), case.targets, backend="triton")
+    names = {name for name, _ in calls}
+    assert names == {"compact", "launch_forward", "merge", "select", "launch_backward"}
+    assert all(guards == [case.hidden.device] for _, guards in calls), calls

@@ -93,3 +93,12 @@ def test_row_offsets_are_64_bit(lines):
     the compiled kernels step [BLOCK, 1] pointer columns by i64 offsets only."""
     for r in lines:
         assert r["narrow_row_offsets"] == 0, r
+
+
+def test_merge_offsets_are_64_bit(lines):
+    """merge reads S slices of N partials: k * N passes 2^31 at S * N >= 2^31, so no pointer in it
+    (scalar or vector) may step by an i32 offset (the 32-bit ``k * N`` counted 3 here)."""
+    merge = [r for r in lines if r["kernel"] == "merge"]
+    assert merge
+    for r in merge:
+        assert r["narrow_flat_offsets"] == 0, r

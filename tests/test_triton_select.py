@@ -121,3 +121,26 @@ def test_random_small_alphabets():
         valid = torch.rand(groups * m, generator=g) > float(torch.rand((), generator=g)) * 0.6
         keep_ratio = float(torch.randint(1, 101, (), generator=g)) / 100
         check(excess, valid, groups, keep_ratio)
+
+
+def test_nan_ranks_highest_whatever_its_sign():
+    """Every NaN gets one key, the highest, as torch's sort orders NaN above +inf: a NaN with its
+    sign bit set must not rank below -inf, and NaNs of either sign tie (lower index first)."""
+    neg_nan = torch.tensor([0xFFC00000], dtype=torch.int64).to(torch.int32).view(torch.float32)[0]
+    pos_nan = torch.tensor(float("nan"))
+    assert torch.signbit(neg_nan) and not torch.signbit(pos_nan)
+    excess = torch.tensor([1.0, 0.0, INF, -INF, 2.0, -1.0, 3.0, 0.5] * 2)
+    excess[[1, 9]] = neg_nan
+    excess[[5, 12]] = pos_nan
+    valid = torch.ones_like(excess, dtype=torch.bool)
+    valid[12] = False
+    targets = torch.where(valid, 3, IGNORE).to(torch.int64)
+    for keep_ratio in (0.1, 0.2, 0.4, 0.9):
+        kept, threshold, n_keep, _ = select(excess, targets, 1, IGNORE, keep_fraction(keep_ratio), SMALL)
+        kept_ref, threshold_ref, n_keep_ref, _ = select_top(excess.view(1, -1), valid.view(1, -1), keep_ratio)
+        assert torch.equal(n_keep.long(), n_keep_ref)
+        assert torch.equal(kept, kept_ref.reshape(-1)), (keep_ratio, kept, kept_ref)
+        # the three valid NaNs come first, in index order
+        assert kept[[1, 5, 9]].sum() == min(3, int(n_keep))
+        if int(n_keep) <= 3:
+            assert torch.isnan(threshold).all() and torch.isnan(threshold_ref).all()

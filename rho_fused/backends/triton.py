@@ -3,18 +3,23 @@
 Forward: compact the valid rows (`rho_fused.kernels.compact`), the fused matmul + online
 logsumexp over vocabulary slices (`.forward`), the epilogue giving ``lse``, ``ce`` and
 ``excess`` (`.merge`), the exact radix top-k per selection group (`.select`), and the compacted
-list of kept rows. Backward: one kernel over the kept rows only (`.backward`), recomputing each
-logits tile once and accumulating d hidden, d weight and d bias in fp32.
+list of kept rows. Backward (`.backward`): over the kept rows only, a kernel recomputes each logits
+tile once and writes ``dz`` for a chunk of the vocabulary, and cuBLAS matmuls turn it into d hidden,
+d weight and d bias (deterministic: no atomics).
 
 Every size the launches depend on is a shape; counts (valid rows, ``n_keep``, kept rows) stay on
 the device, so forward and backward run under CUDA graphs. ``scope="global"`` selects with
 `rho_fused.distributed` (torch ops and one all_reduce per radix digit) instead of the select
 kernel. On CPU the kernels run under ``TRITON_INTERPRET=1`` (how the tests prove them). fp64
 inputs go to the chunked backend: the kernels accumulate in fp32, and the contract asks fp64.
+
+Triton launches on the *current* CUDA device, not the tensors' device, so every launch here runs
+under ``torch.cuda.device(<the tensors' device>)`` (`_on_device`; a no-op on CPU).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import replace
 
@@ -46,6 +51,24 @@ def _check_device(p: LossProblem) -> None:
         )
 
 
+def _on_device(t: Tensor) -> contextlib.AbstractContextManager:
+    """``torch.cuda.device(t.device)`` for CUDA tensors (Triton launches on the current device), else a no-op."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def kept_capacity(p: LossProblem) -> int:
+    """The largest kept count of this call the selection can produce, known on the host: per group
+    of ``M`` rows ``max(1, ceil(keep_ratio * M))`` (the count when every row is valid), summed; ``N``
+    for ``scope="global"``, where a rank may keep every row it holds."""
+    n = p.targets.numel()
+    if p.scope == "global" or p.groups == 0:
+        return n
+    m = n // p.groups
+    num, den = keep_fraction(p.keep_ratio)  # as rho_fused.selection.keep_count, in Python integers
+    per_group = max(1, (num * m + den - 1) // den) if m > 0 else 0
+    return min(n, p.groups * per_group)
+
+
 def _forward(p: LossProblem) -> tuple[Tensor, Tensor, Tensor]:
     """``(ce, lse, excess)``, fp32 ``[N]``, 0 at ignored rows."""
     rows, count = compact(p.valid)
@@ -57,6 +80,11 @@ def _forward(p: LossProblem) -> tuple[Tensor, Tensor, Tensor]:
 class _SelectiveLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, p: LossProblem):  # type: ignore[override]
+        with _on_device(hidden):
+            return _SelectiveLoss._forward_on_device(ctx, hidden, weight, bias, p)
+
+    @staticmethod
+    def _forward_on_device(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, p: LossProblem):
         ce, lse, excess = _forward(p)
         if p.scope == "global":
             # Across ranks: the radix select of rho_fused.distributed, its histograms summed by
@@ -90,15 +118,12 @@ class _SelectiveLoss(torch.autograd.Function):
             g = grad_loss.reshape(1)
         else:
             g = (grad_loss / n_keep_total.clamp(min=1)).reshape(1)
-        dh, dw, db = launch_backward(
-            hidden, weight, bias, p.targets, lse, g, kept_rows, kept_count, p.softcap, ctx.needs_input_grad[:3]
-        )
-        return (
-            None if dh is None else dh.to(hidden.dtype),
-            None if dw is None else dw.to(weight.dtype),
-            None if db is None else db.to(bias.dtype),
-            None,
-        )
+        with _on_device(hidden):  # autograd already runs backward on this device; explicit and cheap
+            dh, dw, db = launch_backward(
+                hidden, weight, bias, p.targets, lse, g, kept_rows, kept_count, p.softcap,
+                ctx.needs_input_grad[:3], capacity=kept_capacity(p),
+            )  # fmt: skip
+        return dh, dw, db, None
 
 
 def selective_loss(p: LossProblem) -> tuple[Tensor, SelectionStats]:
@@ -116,4 +141,5 @@ def token_losses(p: LossProblem) -> Tensor:
     if p.hidden.dtype not in KERNEL_DTYPES:
         return chunked.token_losses(p)
     _check_device(p)
-    return _forward(p)[0]
+    with _on_device(p.hidden):
+        return _forward(p)[0]
