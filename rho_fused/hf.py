@@ -137,17 +137,37 @@ def causal_lm_loss(
     return loss, stats
 
 
-def kept_count(labels: Tensor, keep_ratio: float, *, scope: str = "batch", ignore_index: int = -100) -> int:
+def kept_count(
+    labels: Tensor,
+    keep_ratio: float,
+    *,
+    scope: str = "batch",
+    ignore_index: int = -100,
+    group: torch.distributed.ProcessGroup | None = None,
+) -> int:
     """How many tokens `causal_lm_loss` keeps for these ``labels [B, T]`` (step 5 of the contract).
 
     ``n_keep = ceil(keep_ratio * n_valid)`` per selection group, at least 1 when ``n_valid >= 1``,
     with ``keep_ratio`` read as the nearest fraction of denominator at most 10^6, and ``n_valid``
     the labels other than ``ignore_index`` past position 0. Gradient accumulation divides the
     summed loss of every micro-batch by the total of this count over the accumulated batch.
+
+    ``scope="global"`` counts over every rank of ``group`` (default: the default process group),
+    each rank passing its own ``labels``: a collective (one ``all_reduce``) that every rank must
+    call, returning the same count everywhere, the number of tokens kept over all ranks.
     """
-    if scope not in ("batch", "sequence"):
-        raise ValueError(f"kept_count counts scope 'batch' or 'sequence' on one process, got scope={scope!r}")
+    if scope not in ("batch", "sequence", "global"):
+        raise ValueError(f"scope must be 'batch', 'sequence' or 'global', got scope={scope!r}")
     frac = Fraction(keep_ratio).limit_denominator(10**6)
     valid = labels[..., 1:] != ignore_index
-    counts = [int(valid.sum())] if scope == "batch" else valid.reshape(-1, valid.shape[-1]).sum(-1).tolist()
+    if scope == "global":
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            raise ValueError("kept_count(scope='global') counts over all ranks and needs torch.distributed initialised")
+        total = valid.sum().reshape(1).to(torch.int64)
+        torch.distributed.all_reduce(total, group=group)
+        counts = [int(total)]
+    elif scope == "batch":
+        counts = [int(valid.sum())]
+    else:
+        counts = valid.reshape(-1, valid.shape[-1]).sum(-1).tolist()
     return sum(max(1, math.ceil(frac * n)) if n > 0 else 0 for n in counts)

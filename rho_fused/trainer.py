@@ -5,11 +5,20 @@ from each batch (the column `rho-fused score` writes), computes the loss with `c
 and, when the Trainer counts the tokens of the accumulated batch (``num_items_in_batch``),
 divides each micro-batch's summed loss by the number of tokens *kept* over the whole accumulated
 batch: the gradient is then the one of the mean over every kept token, whatever the accumulation.
+
+Data parallel (``torchrun`` + the Trainer's DDP): the loss runs *through* the DDP-wrapped model,
+so DDP's gradient synchronisation happens (calling the unwrapped model's body, as a plain
+`causal_lm_loss` call would, skips it and leaves each rank with its own gradient).
+``scope="global"`` selects over every rank's micro-batch at once (the paper's batch-level
+selection when the batch is spread over ranks); ``"batch"`` and ``"sequence"`` select within each
+rank's micro-batch. `torch.nn.DataParallel` (several GPUs, one process) is refused: use torchrun.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
+from fractions import Fraction
 from typing import Any
 
 import torch
@@ -36,7 +45,8 @@ class SelectiveTrainer(Trainer):
     """A `transformers.Trainer` whose loss is the fused selective causal-LM loss.
 
     ``keep_ratio``: fraction of tokens kept by excess loss (1.0: plain causal LM); ``scope``:
-    ``"batch"`` or ``"sequence"``; ``backend``: as in `fused_selective_loss`;
+    ``"batch"`` (each rank's micro-batch), ``"sequence"``, or ``"global"`` (the micro-batches of
+    all ranks together; on one process the same as ``"batch"``); ``backend``: as in `fused_selective_loss`;
     ``average_over_accumulation``: divide by the kept tokens of the whole accumulated batch
     (``num_items_in_batch``) rather than taking each micro-batch's mean; ``eval_keep_ratio``: the
     keep ratio of evaluation (default 1.0: the plain loss of every token, which needs no ref_loss).
@@ -44,8 +54,13 @@ class SelectiveTrainer(Trainer):
     ``remove_unused_columns``. Other arguments go to `transformers.Trainer`; the default data
     collator is `SelectiveDataCollator`.
 
-    The loss calls the model's body directly (not the wrapped model's forward): tested on one
-    process (CPU or one GPU); multi-process data parallelism (DDP, FSDP) is not tested.
+    What is tested: one process (CPU), and DDP over 2 CPU processes under torchrun with
+    ``scope="global"`` (one optimizer step equals the one-process step on the same rows). Under
+    DDP the loss is computed as the wrapped model's forward (its ``forward`` swapped for the
+    duration of the call), so DDP's hooks run; with ``scope="global"`` and several processes the
+    loss is multiplied by the number of processes, since DDP averages the ranks' gradients and the
+    global gradient is their sum. Not supported: `torch.nn.DataParallel` (refused), FSDP and
+    DeepSpeed (untested: their wrappers need the full forward to gather sharded weights).
     """
 
     def __init__(
@@ -70,6 +85,12 @@ class SelectiveTrainer(Trainer):
         # return is already normalised over the accumulated batch (True) or a micro-batch mean.
         self.model_accepts_loss_kwargs = True
         self.loss_is_scaled_for_ga = None if average_over_accumulation else False
+        if scope not in ("batch", "sequence", "global"):
+            raise ValueError(f"scope must be 'batch', 'sequence' or 'global', got scope={scope!r}")
+
+    def _global(self) -> bool:
+        """Whether selection spans several processes (``scope="global"`` with a process group of size > 1)."""
+        return self.scope == "global" and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
 
     def _set_signature_columns_if_needed(self) -> None:
         super()._set_signature_columns_if_needed()
@@ -82,11 +103,23 @@ class SelectiveTrainer(Trainer):
         The Trainer counts the valid (shifted) labels of the accumulated batch, gathered across
         processes when ``average_tokens_across_devices``. With one process the kept count is
         exact; with several, the Trainer's count is scaled by kept/valid over all processes.
+        With ``scope="global"`` over several processes the count is exact: every micro-batch's
+        ``n_keep`` is taken over the valid tokens of all ranks (one ``all_reduce``).
         """
         batch_samples, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
+        if self._global():
+            # n_keep of each micro-batch is over all ranks: all-reduce the valid counts (one call, every
+            # rank has the same number of micro-batches) and add up the ceil of each.
+            valid = torch.tensor([int((b["labels"][..., 1:] != -100).sum()) for b in batch_samples], dtype=torch.int64)
+            valid = valid.to(device)
+            torch.distributed.all_reduce(valid)
+            frac = Fraction(self.keep_ratio).limit_denominator(10**6)
+            kept = sum(max(1, math.ceil(frac * int(n))) if n > 0 else 0 for n in valid.tolist())
+            return batch_samples, torch.tensor(kept, device=device)
         if num_items is None or not batch_samples or self.keep_ratio >= 1.0:
             return batch_samples, num_items
-        kept = sum(kept_count(b["labels"], self.keep_ratio, scope=self.scope) for b in batch_samples)
+        scope = "batch" if self.scope == "global" else self.scope  # global over one process
+        kept = sum(kept_count(b["labels"], self.keep_ratio, scope=scope) for b in batch_samples)
         if self.args.world_size <= 1 and self.args.n_gpu <= 1:
             return batch_samples, torch.tensor(kept, device=device)
         valid = sum(int((b["labels"][..., 1:] != -100).sum()) for b in batch_samples)
@@ -112,14 +145,50 @@ class SelectiveTrainer(Trainer):
         if keep < 1.0 and ref_loss is None:
             raise ValueError(f"keep_ratio={keep} needs a 'ref_loss' column in the batch (rho-fused score)")
         unwrapped = self.accelerator.unwrap_model(model)
+        if isinstance(model, nn.DataParallel):
+            raise ValueError(
+                "SelectiveTrainer does not support torch.nn.DataParallel (several GPUs in one process): "
+                "launch one process per GPU with torchrun (DDP) instead"
+            )
         normalise = model.training and self.average_over_accumulation and num_items_in_batch is not None
-        loss = causal_lm_loss(
-            unwrapped, input_ids, labels, attention_mask=attention_mask,
-            ref_loss=ref_loss if keep < 1.0 else None, keep_ratio=keep, scope=self.scope,
-            backend=self.backend, reduction="sum" if normalise else "mean", **inputs,
-        )  # fmt: skip
+        spans_ranks = self._global()  # scope "global" over several processes, in training and evaluation
+        scope = "global" if spans_ranks else ("batch" if self.scope == "global" else self.scope)
+
+        def loss_fn() -> torch.Tensor:
+            return causal_lm_loss(
+                unwrapped, input_ids, labels, attention_mask=attention_mask,
+                ref_loss=ref_loss if keep < 1.0 else None, keep_ratio=keep, scope=scope,
+                backend=self.backend, reduction="sum" if normalise else "mean", **inputs,
+            )  # fmt: skip
+
+        loss = run_as_forward(model, unwrapped, loss_fn)
         if normalise:
             loss = loss / torch.as_tensor(num_items_in_batch, device=loss.device, dtype=loss.dtype)
-            if self.args.average_tokens_across_devices and self.args.world_size > 1:
-                loss = loss * self.accelerator.num_processes
+        if spans_ranks:
+            # each rank's loss is its share of the global loss: DDP averages the ranks' gradients (and the
+            # Trainer their reported losses) where the global value is the sum
+            loss = loss * torch.distributed.get_world_size()
+        elif normalise and self.args.average_tokens_across_devices and self.args.world_size > 1:
+            loss = loss * self.accelerator.num_processes
         return (loss, CausalLMOutputWithPast(loss=loss)) if return_outputs else loss
+
+
+def run_as_forward(wrapper: nn.Module, inner: nn.Module, fn: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """``fn()``, computed as the forward of ``wrapper`` (e.g. `DistributedDataParallel`) around ``inner``.
+
+    DDP synchronises gradients only for a backward that follows a call of the DDP module itself.
+    ``inner.forward`` is replaced by ``fn`` for the duration of one call of ``wrapper`` (which
+    calls ``inner``), then restored. When ``wrapper`` is ``inner`` (no wrapper), ``fn()`` is called.
+    """
+    if wrapper is inner:
+        return fn()
+    had_own = "forward" in inner.__dict__
+    own = inner.__dict__.get("forward")
+    inner.forward = lambda *args, **kwargs: fn()
+    try:
+        return wrapper()
+    finally:
+        if had_own:
+            inner.forward = own
+        else:
+            del inner.forward

@@ -265,3 +265,41 @@ def test_trainer_refuses_slm_without_ref_loss(tmp_path) -> None:
     trainer = SelectiveTrainer(model=tiny_llama(50), args=args, train_dataset=ds, keep_ratio=0.6)
     with pytest.raises(ValueError, match="ref_loss"):
         trainer.train()
+
+
+def test_trainer_global_scope_on_one_process_is_batch_scope(tmp_path) -> None:
+    """scope="global" over a single process is scope="batch": the same step, no process group needed."""
+    import datasets
+    from transformers import TrainingArguments
+
+    from rho_fused.trainer import SelectiveTrainer
+
+    rows = random_rows(4, 50, lengths=(4, 15), seed=8)
+    ds = datasets.Dataset.from_list([{k: v.tolist() for k, v in r.items()} for r in rows])
+    weights = []
+    for scope in ("global", "batch"):
+        model = tiny_llama(50, seed=1)
+        args = TrainingArguments(
+            output_dir=str(tmp_path / scope), per_device_train_batch_size=2, gradient_accumulation_steps=2,
+            max_steps=1, report_to="none", use_cpu=True, save_strategy="no", logging_strategy="no",
+            disable_tqdm=True, seed=0, dataloader_num_workers=0,
+        )  # fmt: skip
+        SelectiveTrainer(model=model, args=args, train_dataset=ds, keep_ratio=0.5, scope=scope).train()
+        weights.append({n: p.detach().clone() for n, p in model.named_parameters()})
+    assert all(torch.equal(weights[0][n], weights[1][n]) for n in weights[0])
+    assert not all(torch.equal(weights[0][n], p) for n, p in tiny_llama(50, seed=1).named_parameters())
+    with pytest.raises(ValueError, match="scope='local'"):
+        SelectiveTrainer(model=tiny_llama(50), args=args, train_dataset=ds, scope="local")
+
+
+def test_kept_count_global_sums_over_the_process_group(tmp_path) -> None:
+    """One gloo rank: the global count is the batch count (the 2-rank case runs in test_torchrun)."""
+    import torch.distributed as dist
+
+    labels = torch.zeros(2, 11, dtype=torch.long)
+    labels[1, 4:] = -100
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        assert kept_count(labels, 0.6, scope="global") == kept_count(labels, 0.6) == 8  # ceil(0.6 * 13)
+    finally:
+        dist.destroy_process_group()

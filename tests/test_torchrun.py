@@ -116,3 +116,80 @@ def test_torchrun_train_equals_one_process_on_the_same_global_batch(workdir: Pat
     # rank 0 alone wrote; the checkpoint holds the last step and resumes
     state = torch.load(workdir / "train2" / "checkpoint" / "state.pt", weights_only=False)
     assert state["step"] == 4
+
+
+TRAINER_SCRIPT = r'''
+"""One SGD step (lr 1) of SelectiveTrainer(scope="global") under torchrun; each rank saves its weights."""
+import json
+import sys
+from pathlib import Path
+
+import datasets
+import torch
+from transformers import TrainingArguments
+
+sys.path.insert(0, sys.argv[2])
+from pipeline_fixtures import random_rows, tiny_llama
+
+from rho_fused.data import pad_batch
+from rho_fused.hf import kept_count
+from rho_fused.trainer import SelectiveTrainer
+
+out = Path(sys.argv[1])
+rows = random_rows(4, 50, lengths=(4, 15), seed=5)
+ds = datasets.Dataset.from_list([{k: v.tolist() for k, v in r.items()} for r in rows])
+model = tiny_llama(50, seed=1)
+args = TrainingArguments(
+    output_dir=str(out), per_device_train_batch_size=2, max_steps=1, max_grad_norm=0.0, report_to="none",
+    use_cpu=True, save_strategy="no", logging_strategy="no", disable_tqdm=True, seed=0, dataloader_num_workers=0,
+)
+sgd = torch.optim.SGD(model.parameters(), lr=1.0)
+trainer = SelectiveTrainer(
+    model=model, args=args, train_dataset=ds, keep_ratio=0.5, scope="global",
+    optimizers=(sgd, torch.optim.lr_scheduler.LambdaLR(sgd, lambda _: 1.0)),
+)
+trainer.train()
+rank = torch.distributed.get_rank()
+torch.save({n: p.detach().clone() for n, p in model.named_parameters()}, out / f"rank{rank}.pt")
+own = pad_batch(rows[2 * rank : 2 * rank + 2])["labels"]
+info = {"wrapper": type(trainer.model_wrapped).__name__, "kept_global": kept_count(own, 0.5, scope="global")}
+(out / f"rank{rank}.json").write_text(json.dumps(info))
+'''
+
+
+def test_torchrun_selective_trainer_global_scope_syncs_and_matches_one_process(tmp_path: Path) -> None:
+    """Trainer + DDP on 2 processes: the step equals the 1-process gradient of the 4 rows, on both ranks.
+
+    The loss runs through the DDP wrapper; calling the unwrapped model's body instead (what the
+    Trainer integration first did) leaves each rank with its own gradient: the ranks then differ.
+    """
+    from pipeline_fixtures import random_rows
+
+    from rho_fused.data import pad_batch
+    from rho_fused.hf import causal_lm_loss, kept_count
+
+    script = tmp_path / "trainer_ddp.py"
+    script.write_text(TRAINER_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(script),
+           str(tmp_path), str(Path(__file__).parent)]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+    # the expected step: the gradient of the kept tokens' mean over all 4 rows, one process
+    rows = random_rows(4, 50, lengths=(4, 15), seed=5)
+    model = tiny_llama(50, seed=1)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    b = pad_batch(rows)
+    n_keep = kept_count(b["labels"], 0.5)
+    loss = causal_lm_loss(model, b["input_ids"], b["labels"], attention_mask=b["attention_mask"],
+                          ref_loss=b["ref_loss"], keep_ratio=0.5, reduction="sum")  # fmt: skip
+    (loss / n_keep).backward()
+
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    for r in (0, 1):
+        info = json.loads((tmp_path / f"rank{r}.json").read_text())
+        assert info == {"wrapper": "DistributedDataParallel", "kept_global": n_keep}
+    for name, p in model.named_parameters():
+        assert torch.equal(ranks[0][name], ranks[1][name]), name  # DDP synchronised the gradients
+        torch.testing.assert_close(before[name] - ranks[0][name], p.grad, rtol=1e-4, atol=1e-6, msg=name)
