@@ -149,9 +149,8 @@ def _forward(p: LossProblem) -> tuple[Tensor, Tensor]:
 class _Grads:
     """``d hidden``, ``d W``, ``d bias`` (those needed), accumulated one ``[cols, rows]`` tile at a time.
 
-    The tile ``(d z / g)^T`` is contiguous, the operand layout oneDNN reads best:
-    ``d W_c = (d z / g)^T @ (g h)`` and ``(d h / g)^T = W_c^T @ (d z / g)^T``, the latter with a
-    transposed copy of the ``[cols, D]`` slice of ``W`` per tile.
+    The tile ``(d z / g)^T`` is contiguous, the operand layout oneDNN reads best for
+    ``d W_c = (d z / g)^T @ (g h)``; ``(d h / g)^T = W_c^T @ (d z / g)^T`` copies one operand per tile.
     """
 
     def __init__(self, p: LossProblem, w: Tensor, needs: tuple[bool, ...]) -> None:
@@ -170,7 +169,12 @@ class _Grads:
     def add(self, dz_t: Tensor, cols: slice) -> None:
         """One tile ``(d z / g)^T``, ``[cols, rows]``, contiguous."""
         if self.dh_t is not None:
-            self.dh_t.add_(_linear(self.w[cols].T.contiguous(), dz_t.T))
+            # oneDNN reads a transposed weight but wants its input contiguous: copy the smaller
+            # of the tile (as d z) and the slice of W (as W_c^T).
+            if dz_t.shape[1] < self.w.shape[1]:
+                self.dh_t.add_(_linear(dz_t.T.contiguous(), self.w[cols].T).T)
+            else:
+                self.dh_t.add_(_linear(self.w[cols].T.contiguous(), dz_t.T))
         if self.dw is not None:
             self.dw[cols].add_(_linear(dz_t, self.hg.T))
         if self.db is not None:
