@@ -6,7 +6,8 @@ One kernel per file beside its launcher. This package knows only Triton and torc
 - `forward`: LM-head matmul + online logsumexp + target logit per vocabulary slice
 - `merge`: the slices' partials into ``lse``, ``ce``, ``excess``
 - `select`: exact top-k per selection group by radix select, ties to the lower index
-- `backward`: kept rows only, one logits recompute, d hidden / d weight / d bias in fp32
+- `backward`: kept rows only, one logits recompute into a `dz` chunk, then cuBLAS matmuls
+  for d hidden / d weight / d bias (no atomics)
 - `tile`: the logits tile both matmul kernels compute (device helpers, no kernel)
 - `report`: ``python -m rho_fused.kernels.report``, the offline compile report for sm_80 / sm_90
 """

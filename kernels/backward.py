@@ -13,7 +13,7 @@ Let ``K`` be the compacted kept rows (``rows[:count]``, from `rho_fused.kernels.
    the input dtype (bf16 / fp16 / fp32). Positions ``k >= count`` get zero rows, without a recompute.
 2. cuBLAS (torch matmuls, fp32 accumulation inside):
 
-       dH_acc[C, D]     += dz @ W[v0:v0+Vc]          (fp32 accumulator across chunks)
+       dH_acc[C, D]     += dz @ W[v0:v0+Vc]          (fp32 product, fp32 accumulator across chunks)
        dW[v0:v0+Vc, :]   = s * (dz.T @ H[K])          (each chunk of d weight written once)
        db[v0:v0+Vc]      = s * sum_k dz[k, :]     (from per-row-tile fp32 column sums the kernel writes)
 
@@ -27,8 +27,12 @@ matmuls do not (they are sized on the host): ``4 * (C - count) * D * V`` flops s
 Why chunks of the vocabulary, not of rows: the output accumulated across chunks needs fp32, and
 ``dH`` of the kept rows is ``C x D x 4`` bytes (80 MB at C=4916, D=4096) where an fp32 ``dW``
 would be ``V x D x 4`` (2.1 GB at V=128256). ``Vc`` comes from a memory budget
-(`BackwardConfig.budget_bytes`) for the ``[C, Vc]`` buffer (and, for fp16, the ``[Vc, D]`` fp32
-product), a multiple of the tile width; no constant chunk size.
+(`BackwardConfig.budget_bytes`, 512 MiB) for the ``[C, Vc]`` buffer (and, for fp16, the
+``[Vc, D]`` fp32 product), a multiple of the tile width; no constant chunk size. Memory beyond the
+gradients themselves: that budget, ``H[K]`` (``C x D`` in the input dtype), ``dH_acc`` and each
+chunk's fp32 product ``dz @ W[chunk]`` (``C x D x 4`` each), and ``[C / BLOCK_N, Vc]`` fp32 column
+sums for d bias. At N=8192, keep 0.6, D=4096, V=128256, bf16: ``Vc = 54528`` (3 chunks), about
+0.7 GB in all, against 2.1 GB for the fp32 ``dW`` alone before.
 
 The capacity and the zero rows (no host synchronisation, by choice): the launches must not read
 ``count`` on the host (CUDA graphs; `tests/test_triton_parity.py::test_no_host_sync`), so the
@@ -178,22 +182,21 @@ def _scale(g: torch.Tensor, rows: torch.Tensor, live: torch.Tensor, dtype: torch
     return torch.where(top > 0, torch.exp2(torch.floor(torch.log2(top))), 1.0)
 
 
-def _addmm_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """``acc += a @ b`` with ``acc`` fp32 and ``a``, ``b`` in the input dtype: on CUDA one cuBLAS call
-    (16-bit operands, fp32 accumulation and output); elsewhere on fp32 copies, the same numbers
-    (a product of two 16-bit values is exact in fp32)."""
-    if a.dtype == torch.float32:
-        acc.addmm_(a, b)
-    elif acc.is_cuda:
-        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
-    else:
-        acc.addmm_(a.float(), b.float())
-
-
 def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a @ b`` in fp32 from 16-bit operands (see `_addmm_fp32`)."""
+    """``a @ b`` as fp32 from operands in the input dtype.
+
+    CUDA, 16-bit: one cuBLAS call on the tensor cores, fp32 accumulation and fp32 output
+    (``torch.mm(..., out_dtype=torch.float32)``, torch >= 2.8; before that the product comes back
+    rounded to 16 bits once). Elsewhere (the interpreter's CPU tests) the product of fp32 copies:
+    the same numbers, since a product of two 16-bit values is exact in fp32.
+    """
+    if a.dtype == torch.float32:
+        return a @ b
     if a.is_cuda:
-        return torch.mm(a, b, out_dtype=torch.float32)
+        try:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        except TypeError:  # torch < 2.8: no fp32 output from 16-bit operands
+            return torch.mm(a, b).float()
     return a.float() @ b.float()
 
 
@@ -267,7 +270,7 @@ def backward(
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )  # fmt: skip
         if need_dh:  # dH_acc += dz @ W[chunk], fp32 across chunks
-            _addmm_fp32(dh_acc, dz, weight[v0 : v0 + w])
+            dh_acc += _mm_fp32(dz, weight[v0 : v0 + w])
         if need_dw:  # dW[chunk] = s * dz.T @ H[K], written once
             if dtype == torch.float16:
                 dw[v0 : v0 + w].copy_(_mm_fp32(dz.T, hk).mul_(s))
