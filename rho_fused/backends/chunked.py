@@ -157,8 +157,10 @@ class _Grads:
         dtype, (n_vocab, dim) = p.compute_dtype, w.shape
         self.p, self.w = p, w
         self.dh = torch.zeros_like(p.hidden) if needs[0] else None
-        self.dw = torch.zeros(n_vocab, dim, dtype=dtype, device=w.device) if needs[1] else None
+        # d W is written by the first block of rows and added to by the others (no zero fill).
+        self.dw = torch.empty(n_vocab, dim, dtype=dtype, device=w.device) if needs[1] else None
         self.db = torch.zeros(n_vocab, dtype=dtype, device=w.device) if needs[2] else None
+        self.first_block = True
 
     def start_rows(self, h: Tensor, g: Tensor) -> None:
         """A block of rows ``h`` with upstream gradients ``g`` begins; ``g`` scales ``[rows, D]`` operands only."""
@@ -176,7 +178,11 @@ class _Grads:
             else:
                 self.dh_t.add_(_linear(self.w[cols].T.contiguous(), dz_t.T))
         if self.dw is not None:
-            self.dw[cols].add_(_linear(dz_t, self.hg.T))
+            dw_tile = _linear(dz_t, self.hg.T)
+            if self.first_block:
+                self.dw[cols].copy_(dw_tile)
+            else:
+                self.dw[cols].add_(dw_tile)
         if self.db is not None:
             self.db[cols].addmv_(dz_t, self.g)
 
@@ -184,9 +190,12 @@ class _Grads:
         """The current block of rows is done: its ``d hidden`` goes to token indices ``rows``."""
         if self.dh is not None:
             self.dh[rows] = (self.dh_t.T * self.g[:, None]).to(self.dh.dtype)
+        self.first_block = False
 
     def result(self) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
         """The gradients in the inputs' dtypes."""
+        if self.first_block and self.dw is not None:  # no kept row: d W was never written
+            self.dw.zero_()
         return (
             self.dh,
             None if self.dw is None else self.dw.to(self.p.weight.dtype),
