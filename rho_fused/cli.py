@@ -225,8 +225,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return int(args.func(args) or 0)
         with distributed_from_env(args.device) as args.rank:
             return int(args.func(args) or 0)
-    except (FingerprintMismatchError, FileNotFoundError, FileExistsError) as e:
-        print(f"rho-fused {args.command}: error: {e}", file=sys.stderr)
+    except (FingerprintMismatchError, FileNotFoundError, FileExistsError, ValueError) as e:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        where = f" (rank {os.environ.get('RANK', '0')} of {world})" if world > 1 else ""
+        print(f"rho-fused {args.command}{where}: error: {e}", file=sys.stderr)
         return 2
 
 

@@ -52,11 +52,11 @@ def score_argv(root: Path, out: str) -> list[str]:
 
 
 def train_argv(root: Path, out: str, *extra: str) -> list[str]:
-    """5 rows a step (shards of 2 and 3 rows), 2 micro-batches a step, keep 60%, clipping active."""
+    """5 rows a micro-batch (shards of 2 and 3 rows), 2 micro-batches a step, keep 60%, clipping, evaluation."""
     return ["train", "--data", str(root / "scored1"), "--config", str(root / "ref"), "--out", str(root / out),
             "--steps", "4", "--batch-size", "5", "--accum-steps", "2", "--warmup-steps", "1", "--lr", "3e-3",
             "--keep-ratio", "0.6", "--grad-clip", "1.0", "--seed", "1", "--log-every", "1", "--checkpoint-every", "1",
-            "--no-progress", *extra]  # fmt: skip
+            "--eval-data", str(root / "scored1"), "--eval-every", "2", "--no-progress", *extra]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -101,6 +101,10 @@ def test_torchrun_train_equals_one_process_on_the_same_global_batch(workdir: Pat
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5)
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-6)
         assert b["loss_all"] == pytest.approx(a["loss_all"], rel=1e-6)
+        # evaluation, sharded over the ranks by batch and all-reduced
+        assert ("eval_loss" in b) == ("eval_loss" in a) == (a["step"] % 2 == 0)
+        if "eval_loss" in a:
+            assert b["eval_loss"] == pytest.approx(a["eval_loss"], rel=1e-6)
     assert any(h["grad_norm"] > 1.0 for h in h1)  # clipping is active: the gradient's scale reaches the weights
 
     w1 = load_file(workdir / "train1" / "model" / "model.safetensors")

@@ -102,7 +102,7 @@ def test_lr_schedule() -> None:
     assert lr_at(100, cfg) == pytest.approx(0.1)
 
 
-def test_cli_train_resume_matches_uninterrupted(tmp_path) -> None:
+def test_cli_train_resume_matches_uninterrupted(tmp_path, capsys) -> None:
     from safetensors.torch import load_file
 
     tok = make_tokenizer(300)
@@ -118,6 +118,8 @@ def test_cli_train_resume_matches_uninterrupted(tmp_path) -> None:
     assert main([*common, "--out", str(tmp_path / "a")]) == 0
     assert main([*common, "--out", str(tmp_path / "b"), "--stop-at", "2"]) == 0
     assert not (tmp_path / "b" / "model").exists()
+    assert main([*common, "--out", str(tmp_path / "b"), "--resume", "--keep-ratio", "0.5"]) == 2  # another config
+    assert "cannot resume" in capsys.readouterr().err
     assert main([*common, "--out", str(tmp_path / "b"), "--resume"]) == 0
     a = load_file(tmp_path / "a" / "model" / "model.safetensors")
     b = load_file(tmp_path / "b" / "model" / "model.safetensors")
