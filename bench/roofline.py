@@ -9,17 +9,23 @@ bounds it. Assumptions, all optimistic in the same way for both sides:
 
 * every token valid; ``n_kept = keep * N``;
 * HBM traffic is compulsory traffic: each tensor read or written once per kernel. Re-reads of
-  ``hidden`` and ``weight`` tiles (every row tile meets every vocabulary tile) are assumed to hit
-  L2; their volume is reported apart as ``l2_gb`` (operand tiles + fp32 atomic adds);
+  ``hidden`` and ``weight`` tiles in the Triton matmul kernels (every row tile meets every
+  vocabulary tile) are assumed to hit L2; their volume is reported apart as ``l2_gb``;
 * compact and select are single programs (one per selection group for select), streaming at an
   assumed ONE_SM_BYTES_PER_S, one SM's share of bandwidth;
 * elementwise work (exp, log, the radix passes) is not counted in flops; ``N * V`` exponentials
   (1.05e9 at N=8k, V=128k) take about 0.3 ms on the H100's special-function units, about 3 % of
   the forward matmul -- noted, not modelled;
-* the backward's fp32 atomic adds into d hidden and d weight resolve in L2; their throughput is
-  the model's largest unknown: at 128 x 128 tiles they are 1 byte per 64 flops, which needs
-  ~12.5 TB/s of L2 atomic bandwidth to keep pace with the tensor cores. If L2 delivers less, the
-  backward is atomic-bound, not matmul-bound, and the model's backward time is a lower bound.
+* the backward (`rho_fused.kernels.backward`) walks the vocabulary in chunks of ``Vc`` columns
+  (BACKWARD_BUDGET for the ``[C, Vc]`` bf16 ``dz`` buffer, ``C = keep * N`` kept rows). Per
+  chunk: the Triton ``dz`` kernel recomputes the logits of the kept rows (``2 C D Vc`` flops) and
+  writes ``dz``; cuBLAS reads it twice, for ``dH += dz @ W`` (fp32 product, added to an fp32
+  accumulator) and ``dW = dz^T H[K]``, ``2 C D Vc`` flops each. cuBLAS is assumed to run at the
+  same PEAK_FLOPS; the ``dz`` round trip through HBM (written once, read twice: ``3 C V 2`` bytes)
+  and the fp32 ``dH`` traffic are counted. ``glue`` is the gather of ``H[K]`` and the scatter of
+  ``dH`` into the ``[N, D]`` gradient. No atomics;
+* every token is valid, so the capacity the backward's matmuls are sized by equals the kept
+  count; with ignored tokens they also multiply ``keep * n_ignored`` zero rows (not modelled).
 
 The materialising baseline (logits in bf16, PyTorch's ``F.cross_entropy``) does ``6 N D V``
 flops and moves logits-sized tensors through HBM: ``z`` written, read by log-softmax, its output
@@ -39,7 +45,9 @@ HBM_BYTES_PER_S = 3.0e12  # HBM3 bandwidth assumed (spec: 3.35 TB/s)
 ONE_SM_BYTES_PER_S = 100e9
 SINGLE_PROGRAM = ("compact valid", "select", "compact kept")
 BLOCK_N = BLOCK_V = 128  # the launchers' tiles (rho_fused.kernels.forward / backward)
-SPLITS = 5  # vocabulary slices at N=8192 on 132 SMs (ceil(2 * 132 / 64)); 1 at N=32768 (fills anyway)
+SMS = 132  # H100 SXM
+PROGRAMS_PER_SM = 8  # rho_fused.kernels.forward.PROGRAMS_PER_SM
+BACKWARD_BUDGET = 512 * 2**20  # rho_fused.kernels.backward.BackwardConfig.budget_bytes
 ELEM = 2  # bf16
 F32, I64, I32 = 4, 8, 4
 
@@ -72,28 +80,43 @@ class Row:
         return "one SM" if self.kernel in SINGLE_PROGRAM else "memory"
 
 
+def splits(n: int, v: int) -> int:
+    """Vocabulary slices of the forward: ``ceil(PROGRAMS_PER_SM * SMs / row_tiles)`` (17 at N=8192)."""
+    row_tiles = -(-n // BLOCK_N)
+    return max(1, min(-(-PROGRAMS_PER_SM * SMS // row_tiles), -(-v // BLOCK_V)))
+
+
+def chunk_columns(c: int, v: int) -> int:
+    """``Vc`` of the backward: the budget over ``C`` bf16 rows, a multiple of BLOCK_V, at most ``V``."""
+    cols = max(1, BACKWARD_BUDGET // (max(1, c) * ELEM) // BLOCK_V) * BLOCK_V
+    return min(cols, -(-v // BLOCK_V) * BLOCK_V)
+
+
 def fused(n: int, d: int, v: int, keep: float) -> list[tuple[str, float, float, float]]:
     """``(kernel, flops, hbm_bytes, l2_bytes)`` of one forward + backward of the fused loss."""
     k = keep * n
-    splits = SPLITS if n <= 8192 else 1
+    s = splits(n, v)
+    chunks = -(-v // chunk_columns(int(k), v))
     tiles = n * v * d * ELEM * (1 / BLOCK_N + 1 / BLOCK_V)  # operand tiles fetched by all programs
+    dz = k * v * ELEM  # the kept rows' dz, all chunks
     return [
         ("compact valid", 0.0, n * (1 + I32), 0.0),
         # z = H W^T over every valid row: H, W, targets and row list in; (max, sum, target) partials out
-        ("forward", 2.0 * n * d * v, (n * d + v * d) * ELEM + n * (I64 + I32) + 3 * splits * n * F32, tiles),
-        ("merge", 0.0, 3 * splits * n * F32 + n * (I64 + F32) + 3 * n * F32, 0.0),
+        ("forward", 2.0 * n * d * v, (n * d + v * d) * ELEM + n * (I64 + I32) + 3 * s * n * F32, tiles),
+        ("merge", 0.0, 3 * s * n * F32 + n * (I64 + F32) + 3 * n * F32, 0.0),
         # five passes (four radix digits and the final mask) over excess and targets
         ("select", 0.0, 5 * n * (F32 + I64) + n, 0.0),
         ("compact kept", 0.0, n * (1 + I32), 0.0),
-        # recompute z for kept rows (2kDV), dH = dz W (2kDV), dW = dz^T H (2kDV); fp32 accumulators
-        # zeroed, flushed from L2 once, then cast to bf16 (read fp32, write bf16)
-        (
-            "backward",
-            6.0 * k * d * v,
-            k * d * ELEM + v * d * ELEM + k * (I64 + 2 * F32 + I32)
-            + (n * d + v * d) * (F32 + F32 + F32 + ELEM),
-            keep * tiles + k * d * v * F32 * (1 / BLOCK_V + 1 / BLOCK_N),
-        ),
+        # recompute z for the kept rows (2kDV): H rows, W, per-row targets / lse / g / row ids in; dz out
+        ("backward dz (Triton)", 2.0 * k * d * v, k * d * ELEM + v * d * ELEM + k * (I64 + 3 * F32) + dz,
+         keep * tiles),
+        # dH_acc += dz @ W[chunk] (2kDV): dz and W in; per chunk the fp32 product out, then read with
+        # the accumulator and the sum written back
+        ("backward dH = dz W (cuBLAS)", 2.0 * k * d * v, dz + v * d * ELEM + chunks * 4 * k * d * F32, 0.0),
+        # dW[chunk] = dz^T H[K] (2kDV): dz in, H[K] in once per chunk, dW out in bf16
+        ("backward dW = dz^T H (cuBLAS)", 2.0 * k * d * v, dz + chunks * k * d * ELEM + v * d * ELEM, 0.0),
+        # gather H[K] (read, write); zero the [N, D] d hidden, scale and cast dH_acc, scatter it
+        ("backward glue", 0.0, 2 * k * d * ELEM + n * d * ELEM + k * d * (F32 + 2 * ELEM), 0.0),
     ]  # fmt: skip
 
 

@@ -32,3 +32,14 @@ def test_table_is_labelled_a_model(capsys, monkeypatch):
     for shape, fused_ms, base_ms, ratio in roofline.summary(0.6):
         assert ratio == pytest.approx((2 + 6 * 0.6) / 6)
         assert fused_ms < base_ms, shape
+
+
+def test_backward_counts_the_dz_round_trip():
+    """The backward is the dz kernel and two cuBLAS matmuls, 2kDV flops each (k = keep * N kept rows),
+    and its HBM traffic includes dz written once and read twice, 3 * k * V * 2 bytes."""
+    n, d, v, keep = 8192, 4096, 128256, 0.6
+    parts = {name: (fl, hbm) for name, fl, hbm, _ in roofline.fused(n, d, v, keep) if name.startswith("backward")}
+    matmuls = [fl for fl, _ in parts.values() if fl > 0]
+    assert len(matmuls) == 3 and all(fl == pytest.approx(2 * keep * n * d * v) for fl in matmuls)
+    assert sum(hbm for _, hbm in parts.values()) >= 3 * keep * n * v * 2
+    assert roofline.splits(8192, v) == 17 and roofline.chunk_columns(int(keep * n), v) == 54528
