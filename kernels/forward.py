@@ -41,9 +41,11 @@ def forward_kernel(
     BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    # The slice index varies fastest: programs in flight together share their row tile of H in L2.
-    pid_s = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    # One grid axis (no 65535 limit on row tiles), the slice index varying fastest: programs in
+    # flight together share their row tile of H in L2.
+    splits = tl.cdiv(V, v_per_split)
+    pid_s = tl.program_id(0) % splits
+    pid_n = tl.program_id(0) // splits
     count = tl.load(COUNT)
     if pid_n * BLOCK_N >= count:
         return  # past the valid rows: ignored rows cost nothing
@@ -145,7 +147,7 @@ def forward(
     v_per_split = triton.cdiv(triton.cdiv(v, splits), cfg.block_v) * cfg.block_v
     splits = triton.cdiv(v, v_per_split)  # no empty slice
     part = torch.empty(3, splits, n, dtype=torch.float32, device=hidden.device)
-    grid = (splits, triton.cdiv(n, cfg.block_n))
+    grid = (splits * triton.cdiv(n, cfg.block_n),)
     if n > 0:
         forward_kernel[grid](
             hidden, weight, weight if bias is None else bias, targets, rows, count,
