@@ -88,13 +88,18 @@ def cut_cross_entropy(x: Inputs, task: str) -> Tensor:
 
 
 def liger(x: Inputs, task: str) -> Tensor:
-    """linkedin/Liger-Kernel's fused linear cross-entropy (Triton, CUDA only)."""
+    """linkedin/Liger-Kernel's fused linear cross-entropy (Triton, CUDA only).
+
+    Timed as a peer only: it forms gradients in its forward, and for ``reduction="none"`` some
+    versions do not honour a per-token upstream gradient, so its SLM gradients may be wrong.
+    """
     from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
 
-    if task == "ce":
-        return liger_fused_linear_cross_entropy(x.hidden, x.weight, x.targets)
-    ce = liger_fused_linear_cross_entropy(x.hidden, x.weight, x.targets, reduction="none")
-    return top_k_mean(ce, x)
+    def per_token_or_mean(reduction: str) -> Tensor:
+        out = liger_fused_linear_cross_entropy(x.hidden, x.weight, x.targets, reduction=reduction)
+        return out[0] if isinstance(out, tuple) else out  # (loss, z_loss) in some versions
+
+    return per_token_or_mean("mean") if task == "ce" else top_k_mean(per_token_or_mean("none"), x)
 
 
 def rho_fused(x: Inputs, task: str) -> Tensor:
