@@ -85,8 +85,14 @@ def main() -> None:
     )
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--tag", help="file name stem instead of <machine>-<date>")
+    parser.add_argument("--from-csv", type=Path, help="only redraw the tables and plots of an earlier run's CSV")
     parser.add_argument("--memory-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
+
+    if args.from_csv:
+        rows = report.read_csv(args.from_csv)
+        write_outputs(rows, args.from_csv.parent, args.from_csv.stem, f"python bench/run.py --from-csv {args.from_csv}")
+        return
 
     if args.memory_child:
         method, task, n, d, v, keep = json.loads(args.memory_child)
