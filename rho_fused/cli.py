@@ -183,7 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", help="tokenizer (default: the --model / --config one); must match the data's")
     p.add_argument("--eval-data", help="scored dataset to evaluate on (mean loss of every token)")
     p.add_argument("--keep-ratio", type=float, default=0.6, help="fraction of tokens kept (1: plain CLM)")
-    p.add_argument("--scope", choices=("batch", "sequence"), default=d.scope)
+    p.add_argument("--scope", choices=("batch", "sequence"), default=d.scope,
+                   help="select over the whole batch (under torchrun: all ranks'), or per sequence")  # fmt: skip
     p.add_argument("--steps", type=int, default=d.steps)
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--accum-steps", type=int, default=d.accum_steps, help="micro-batches per optimizer step")
