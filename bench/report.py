@@ -37,6 +37,7 @@ class Row:
     grads_mib: float  # of that, the gradients d hidden and d weight (the same for every method)
     work_mib: float  # mem_mib - grads_mib: working memory beyond inputs and gradients
     work_x_naive: float
+    load_1min: float = math.nan  # the 1-minute load average when the shape's timing ended (shared cores)
 
 
 def write_csv(rows: list[Row], path: Path) -> None:
@@ -54,7 +55,8 @@ def read_csv(path: Path) -> list[Row]:
         for rec in csv.DictReader(f):
             kw = {}
             for fld in fields(Row):
-                kw[fld.name] = {"int": int, "float": float}.get(str(fld.type), str)(rec[fld.name])
+                if rec.get(fld.name) is not None:  # older CSVs lack later columns
+                    kw[fld.name] = {"int": int, "float": float}.get(str(fld.type), str)(rec[fld.name])
             out.append(Row(**kw))
         return out
 

@@ -91,7 +91,8 @@ def main() -> None:
 
     if args.from_csv:
         rows = report.read_csv(args.from_csv)
-        write_outputs(rows, args.from_csv.parent, args.from_csv.stem, f"python bench/run.py --from-csv {args.from_csv}")
+        command = f"python bench/run.py --from-csv {args.from_csv}"
+        write_outputs(rows, args.from_csv.parent, args.from_csv.stem, command, csv=False)
         return
 
     if args.memory_child:
@@ -112,10 +113,12 @@ def main() -> None:
     for n, d, v in grid:
         x = Inputs.make(n, d, v, args.keep, args.device)
         times, rates = measure.time_methods(x, methods, args.tasks, reps, args.device)
+        load = os.getloadavg()[0]
         del x
         gemm_rates = {name: measure.median(r) for name, r in rates.items()}
         rate = max(gemm_rates.values())
-        print(f"N={n} D={d} V={v}: fp32 GEMM GFLOP/s " + ", ".join(f"{k} {r / 1e9:.0f}" for k, r in gemm_rates.items()))
+        gflops = ", ".join(f"{k} {r / 1e9:.0f}" for k, r in gemm_rates.items())
+        print(f"N={n} D={d} V={v}: load {load:.1f}, fp32 GEMM GFLOP/s {gflops}", flush=True)
         for task in args.tasks:
             floor = measure.flop_floor(n, d, v, args.keep, task) / rate
             naive_t = measure.median(times[("naive", task)]) if "naive" in methods else math.nan
@@ -135,7 +138,7 @@ def main() -> None:
                         rate_mm_gflops=gemm_rates["mm"] / 1e9,
                         floor_s=floor, x_floor=t / floor, x_naive=t / naive_t,
                         mem_mib=mems[m], mem_x_naive=mems[m] / mems.get("naive", math.nan), grads_mib=grads,
-                        work_mib=mems[m] - grads,
+                        work_mib=mems[m] - grads, load_1min=load,
                         work_x_naive=(mems[m] - grads) / (mems.get("naive", math.nan) - grads),
                     )
                 )  # fmt: skip
@@ -149,9 +152,10 @@ def main() -> None:
     write_outputs(rows, args.out, stem, " ".join(["python", "bench/run.py", *sys.argv[1:]]))
 
 
-def write_outputs(rows: list[report.Row], out: Path, stem: str, command: str) -> None:
-    """The CSV, the markdown tables and the plots of one run."""
-    report.write_csv(rows, out / f"{stem}.csv")
+def write_outputs(rows: list[report.Row], out: Path, stem: str, command: str, csv: bool = True) -> None:
+    """The CSV (unless ``csv`` is false), the markdown tables and the plots of one run."""
+    if csv:
+        report.write_csv(rows, out / f"{stem}.csv")
     r0 = rows[0]
     text = [
         f"# {stem}",
