@@ -158,6 +158,9 @@ torch.save({n: p.detach().clone() for n, p in model.named_parameters()}, out / f
 own = pad_batch(rows[2 * rank : 2 * rank + 2])["labels"]
 info = {"wrapper": type(trainer.model_wrapped).__name__, "kept_global": kept_count(own, 0.5, scope="global")}
 (out / f"rank{rank}.json").write_text(json.dumps(info))
+# leave together and tear the group down: a gloo group alive at interpreter exit can abort (SIGABRT)
+torch.distributed.barrier()
+torch.distributed.destroy_process_group()
 '''
 
 
