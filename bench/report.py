@@ -130,9 +130,9 @@ def plot(rows: list[Row], path: Path, d: int, v: int) -> bool:
         task_rows = [r for r in sel if r.task == task]
         for method in dict.fromkeys(r.method for r in task_rows):
             mr = sorted((r for r in task_rows if r.method == method), key=lambda r: r.n)
-            ns = [r.n for r in mr]
-            axes[0, col].plot(ns, [r.time_s for r in mr], marker="o", label=method)
-            axes[1, col].plot(ns, [r.mem_mib for r in mr], marker="o", label=method)
+            axes[0, col].plot([r.n for r in mr], [r.time_s for r in mr], marker="o", label=method)
+            mem = [r for r in mr if not math.isnan(r.mem_mib)]  # --quick measures SLM's memory only
+            axes[1, col].plot([r.n for r in mem], [r.mem_mib for r in mem], marker="o", label=method)
         floor = sorted({(r.n, r.floor_s) for r in task_rows})
         axes[0, col].plot([f[0] for f in floor], [f[1] for f in floor], "k--", label="matmul floor")
         title = "SLM, keep 0.6" if task == "slm" else "plain CE"
@@ -142,7 +142,8 @@ def plot(rows: list[Row], path: Path, d: int, v: int) -> bool:
         axes[1, col].set_ylabel("MiB")
         for ax in axes[:, col]:
             ax.set_xscale("log", base=2)
-            ax.set_yscale("log")
+            if ax.has_data() and any(len(line.get_ydata()) for line in ax.get_lines()):
+                ax.set_yscale("log")
             ax.grid(True, which="both", alpha=0.3)
         axes[1, col].set_xlabel("N (tokens)")
     axes[0, 0].legend()
