@@ -64,8 +64,8 @@ def naive(x: Inputs, task: str) -> Tensor:
 
 
 # Rows per chunk for torch's linear_cross_entropy. Its default options on CPU fp32 (policy
-# "compact", chunks from "aspect_ratio:2") give 8 to 128 rows at these shapes and run 2-5x slower
-# than with 512 rows here (bench/NOTES.md), so the comparison gives it 512.
+# "compact", chunks from "aspect_ratio:2") give 8 to 128 rows at these shapes and ran 3-7x
+# slower than with 512 rows here (bench/NOTES.md), so the comparison gives it 512.
 TORCH_LCE_CHUNK_ROWS = 512
 
 
