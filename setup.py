@@ -24,6 +24,7 @@ setup(
     extras_require={
         "dev": ["pytest", "pytest-benchmark", "hypothesis", "ruff"],
         "demo": ["champ-dataset", "matplotlib"],
+        "bench": ["pytest-benchmark", "matplotlib", "cut-cross-entropy"],
     },
     entry_points={"console_scripts": ["rho-fused=rho_fused.cli:main"]},
 )

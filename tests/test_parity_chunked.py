@@ -11,6 +11,7 @@ from cases import IGNORE, Case, assert_parity, make_case, run
 
 import rho_fused
 from rho_fused.backends import chunked
+from rho_fused.validation import make_problem
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -155,3 +156,17 @@ def test_frozen_weight_and_module():
     want = torch.autograd.grad(expected, [case.hidden, case.bias])
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("bias,softcap", [(False, None), (True, 3.0)])
+def test_blocks_wider_than_dim(dtype, bias, softcap):
+    """D = 8, fewer than the rows of a block: d hidden takes the path that copies W_c^T, not the tile."""
+    case = make_case((5, 13), 8, 97, seed=21, bias=bias, softcap=softcap, ignore_frac=0.1)
+    problem = make_problem(
+        case.hidden, case.weight, case.targets, case.ref_loss, keep_ratio=0.8, bias=case.bias,
+        ignore_index=IGNORE, reduction="none", scope="batch", softcap=softcap,
+    )  # fmt: skip
+    kept = int(problem.valid.sum() * 0.8)
+    assert chunked.tile_shape(problem, kept)[0] > 8
+    assert_parity(case, "chunked", dtype, keep_ratio=0.8, reduction="none", softcap=softcap)
