@@ -19,6 +19,7 @@ of HMMA / HGMMA instructions in the ``nvdisasm`` listing.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
@@ -211,8 +212,15 @@ def line(spec: KernelSpec, arch: int, m: dict[str, int]) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Print the report lines; with ``--json`` one JSON object per line instead, with the HGMMA and
     HMMA counts apart (what the test suite checks)."""
-    args = sys.argv[1:] if argv is None else argv
-    as_json = "--json" in args
+    parser = argparse.ArgumentParser(
+        prog="python -m rho_fused.kernels.report",
+        description=f"Compile every kernel offline for sm80 and sm90 at N={N} D={D} V={V} and print "
+        "registers, spills, shared memory and tensor-core instruction counts (no GPU needed).",
+    )
+    parser.add_argument("--json", action="store_true", help="one JSON object per line (HGMMA and HMMA apart)")
+    parser.add_argument("--variants", action="store_true", help="also fp16, fp32, and bias + softcap + per-token g")
+    args = parser.parse_args(argv)
+    as_json = args.json
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # the JIT's default; silences 3.9's notice
     if os.environ.get("TRITON_INTERPRET") == "1":
         print("unset TRITON_INTERPRET: the report compiles for real GPUs", file=sys.stderr)
@@ -220,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     if not as_json:
         print(f"# offline compile, N={N} D={D} V={V} {str(DTYPE).removeprefix('torch.')}, triton {triton.__version__}")
     runs = [(DTYPE, False)]
-    if "--variants" in args:  # the other input dtypes, and bias + softcap + d bias + per-token g
+    if args.variants:  # the other input dtypes, and bias + softcap + d bias + per-token g
         runs += [(torch.float16, False), (torch.float32, False), (DTYPE, True), (torch.float16, True)]
     for dtype, extras in runs:
         name = str(dtype).removeprefix("torch.")

@@ -21,9 +21,6 @@ import torch
 import triton
 import triton.language as tl
 
-RADIX_BITS = 8
-RADIX_BINS = 256
-
 
 @triton.jit
 def _ordered_key(x):

@@ -25,9 +25,11 @@ def order_keys(x: Tensor) -> Tensor:
     """fp32 values as int64 keys in ``[0, 2^32)`` with the same order (``-0.0`` equals ``+0.0``).
 
     IEEE floats order like sign-magnitude integers: flip every bit of a negative value and
-    only the sign bit of a positive one, and unsigned order is float order.
+    only the sign bit of a positive one, and unsigned order is float order. Every NaN, whatever
+    its sign bit, gets the one key above ``+inf``, where torch's sort puts NaN.
     """
-    bits = (x.float() + 0.0).view(torch.int32).to(torch.int64) & MASK32
+    x = x.float() + 0.0
+    bits = torch.where(x.isnan(), 0x7FC00000, x.view(torch.int32).to(torch.int64) & MASK32)
     return torch.where(bits >= SIGN, bits ^ MASK32, bits | SIGN)
 
 

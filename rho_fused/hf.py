@@ -7,14 +7,12 @@ logits that ``model(..., labels=labels)`` would build are never materialised.
 
 from __future__ import annotations
 
-import math
-from fractions import Fraction
-
 import torch
 from torch import Tensor, nn
 
 from .loss import fused_selective_loss
 from .problem import SelectionStats
+from .selection import keep_count_int
 
 
 def lm_head_of(model: nn.Module) -> tuple[Tensor, Tensor | None, float | None, float]:
@@ -110,8 +108,9 @@ def causal_lm_loss(
         raise ValueError(f"ref_loss must have the shape of labels {tuple(labels.shape)}, got {tuple(ref_loss.shape)}")
     weight, bias, softcap, scale = lm_head_of(model)
     hidden = final_hidden_states(model, input_ids, attention_mask, **model_kwargs)
-    if scale != 1.0:
+    if scale != 1.0:  # scale * (h @ W.T + b) = (scale * h) @ W.T + scale * b
         hidden = hidden * scale
+        bias = None if bias is None else bias * scale
     # The causal shift moves the targets, never the hidden states: hidden[t] predicts labels[t + 1];
     # the last position gets ignore_index. No copy of the [B, T, D] activations is made.
     targets = shift_left(labels.to(hidden.device), ignore_index)
@@ -158,7 +157,6 @@ def kept_count(
     """
     if scope not in ("batch", "sequence", "global"):
         raise ValueError(f"scope must be 'batch', 'sequence' or 'global', got scope={scope!r}")
-    frac = Fraction(keep_ratio).limit_denominator(10**6)
     valid = labels[..., 1:] != ignore_index
     if scope == "global":
         if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
@@ -170,4 +168,4 @@ def kept_count(
         counts = [int(valid.sum())]
     else:
         counts = valid.reshape(-1, valid.shape[-1]).sum(-1).tolist()
-    return sum(max(1, math.ceil(frac * n)) if n > 0 else 0 for n in counts)
+    return sum(keep_count_int(n, keep_ratio) for n in counts)

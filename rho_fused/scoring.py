@@ -103,10 +103,13 @@ def score_rows(
         batch = pad_batch([{"input_ids": rows[i]} for i in idx])
         ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
         hidden = final_hidden_states(model, ids, mask)
-        if scale != 1.0:
+        if scale != 1.0:  # scale * (h @ W.T + b) = (scale * h) @ W.T + scale * b
             hidden = hidden * scale
+            bias_scaled = None if bias is None else bias * scale
+        else:
+            bias_scaled = bias
         targets = shift_left(batch["labels"].to(device), -100)
-        ce = token_losses(hidden, weight, targets, bias=bias, softcap=softcap, backend=backend)
+        ce = token_losses(hidden, weight, targets, bias=bias_scaled, softcap=softcap, backend=backend)
         ce = shift_right(ce, 0.0).float().cpu().numpy()
         for j, i in enumerate(idx):
             out[i] = ce[j, : len(rows[i])].copy()

@@ -25,6 +25,12 @@ def keep_fraction(keep_ratio: float) -> tuple[int, int]:
     return f.numerator, f.denominator
 
 
+def keep_count_int(n_valid: int, keep_ratio: float) -> int:
+    """`keep_count` for a Python integer, on the host: what a training loop divides by."""
+    p, q = keep_fraction(keep_ratio)
+    return max(1, (n_valid * p + q - 1) // q) if n_valid > 0 else 0
+
+
 def keep_count(n_valid: Tensor, keep_ratio: float) -> Tensor:
     """``n_keep = max(1, ceil(p * n_valid / q))`` where ``n_valid >= 1``, else 0, in integers.
 

@@ -16,9 +16,7 @@ rank's micro-batch. `torch.nn.DataParallel` (several GPUs, one process) is refus
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
-from fractions import Fraction
 from typing import Any
 
 import torch
@@ -28,6 +26,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .data import pad_batch
 from .hf import causal_lm_loss, kept_count
+from .selection import keep_count_int
 
 
 class SelectiveDataCollator:
@@ -113,8 +112,7 @@ class SelectiveTrainer(Trainer):
             valid = torch.tensor([int((b["labels"][..., 1:] != -100).sum()) for b in batch_samples], dtype=torch.int64)
             valid = valid.to(device)
             torch.distributed.all_reduce(valid)
-            frac = Fraction(self.keep_ratio).limit_denominator(10**6)
-            kept = sum(max(1, math.ceil(frac * int(n))) if n > 0 else 0 for n in valid.tolist())
+            kept = sum(keep_count_int(n, self.keep_ratio) for n in valid.tolist())
             return batch_samples, torch.tensor(kept, device=device)
         if num_items is None or not batch_samples or self.keep_ratio >= 1.0:
             return batch_samples, num_items

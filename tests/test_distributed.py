@@ -100,3 +100,11 @@ def test_global_scope_matches_concatenated_batch(sizes, backend, reduction, ties
         nprocs=len(sizes),
         start_method="spawn",
     )
+
+
+def test_every_nan_ranks_above_inf():
+    """Whatever its sign bit (x86 makes negative NaNs), a NaN sorts above +inf, as in torch.sort."""
+    negative_nan = torch.tensor([0xFFC00000 - (1 << 32)], dtype=torch.int32).view(torch.float32)
+    x = torch.cat([torch.tensor([float("inf"), float("nan"), 1.0]), negative_nan])
+    keys = order_keys(x)
+    assert keys[1] == keys[3] > keys[0] > keys[2]

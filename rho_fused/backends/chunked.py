@@ -153,9 +153,10 @@ class _Grads:
     ``d W_c = (d z / g)^T @ (g h)``; ``(d h / g)^T = W_c^T @ (d z / g)^T`` copies one operand per tile.
     """
 
-    def __init__(self, p: LossProblem, w: Tensor, needs: tuple[bool, ...]) -> None:
+    def __init__(self, p: LossProblem, w: Tensor, b: Tensor | None, needs: tuple[bool, ...]) -> None:
+        """``w``, ``b``: the head in the compute dtype, converted once for the whole backward."""
         dtype, (n_vocab, dim) = p.compute_dtype, w.shape
-        self.p, self.w = p, w
+        self.p, self.w, self.b = p, w, b
         self.dh = torch.zeros_like(p.hidden) if needs[0] else None
         # d W is written by the first block of rows and added to by the others (no zero fill).
         self.dw = torch.empty(n_vocab, dim, dtype=dtype, device=w.device) if needs[1] else None
@@ -210,7 +211,7 @@ def _backward(p: LossProblem, lse: Tensor, kept_idx: Tensor, g: Tensor, grads: _
     so that one ``exp_`` gives the softmax (with a bias or a softcap, which come first, two passes).
     """
     dtype = p.compute_dtype
-    w, b = _head(p)
+    w, b = grads.w, grads.b
     step, width = tile_shape(p, kept_idx.shape[0])
     for pos, h, t in _row_blocks(p, kept_idx, False, step):
         h = h.to(dtype)
@@ -261,7 +262,7 @@ class _SelectiveLoss(torch.autograd.Function):
             g = grad_loss.expand(kept_idx.shape[0])
         else:
             g = (grad_loss / total_kept.clamp(min=1)).expand(kept_idx.shape[0])
-        grads = _Grads(p, p.weight.to(p.compute_dtype), ctx.needs_input_grad)
+        grads = _Grads(p, *_head(p), ctx.needs_input_grad)
         _backward(p, lse, kept_idx, g, grads)
         return (*grads.result(), None)
 

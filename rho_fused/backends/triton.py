@@ -34,7 +34,7 @@ from rho_fused.kernels.merge import merge
 from rho_fused.kernels.select import select
 
 from ..problem import LossProblem, SelectionStats, make_stats, reduce_loss
-from ..selection import keep_fraction
+from ..selection import keep_count_int, keep_fraction
 from ..selection import select as select_torch
 from . import chunked
 
@@ -64,9 +64,7 @@ def kept_capacity(p: LossProblem) -> int:
     if p.scope == "global" or p.groups == 0:
         return n
     m = n // p.groups
-    num, den = keep_fraction(p.keep_ratio)  # as rho_fused.selection.keep_count, in Python integers
-    per_group = max(1, (num * m + den - 1) // den) if m > 0 else 0
-    return min(n, p.groups * per_group)
+    return min(n, p.groups * keep_count_int(m, p.keep_ratio))
 
 
 def _forward(p: LossProblem) -> tuple[Tensor, Tensor, Tensor]:
