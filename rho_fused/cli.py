@@ -150,6 +150,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+class _ShowDefaults(argparse.ArgumentDefaultsHelpFormatter):
+    """Every --help shows the defaults, except where there is none."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default in (None, False) or action.default is argparse.SUPPRESS:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .training import TrainConfig
 
@@ -157,24 +166,30 @@ def build_parser() -> argparse.ArgumentParser:
         prog="rho-fused", description="Rho-1 selective language modelling: score a corpus, train, run the demo."
     )
     sub = parser.add_subparsers(dest="command", required=True)
+    backends = ("auto", "chunked", "triton", "reference")
+    defaults = _ShowDefaults
 
-    p = sub.add_parser("score", help="score a corpus with a reference model (per-token ref_loss)")
+    p = sub.add_parser(
+        "score", formatter_class=defaults, help="score a corpus with a reference model (per-token ref_loss)"
+    )
     p.add_argument("--ref-model", required=True, help="reference model: a saved Hugging Face model directory or name")
     p.add_argument("--corpus", required=True, help="save_to_disk directory, or .jsonl/.json/.parquet/.csv/.txt file")
     p.add_argument("--out", required=True, help="output directory of the scored dataset")
     p.add_argument("--tokenizer", help="tokenizer directory or name (default: the reference model's)")
-    p.add_argument("--seq-len", type=int, default=1024, help="tokens per sequence (default 1024)")
+    p.add_argument("--seq-len", type=int, default=1024, help="tokens per sequence")
     p.add_argument("--text-column", default="text", help="text column when the corpus has no input_ids")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype of the reference model")
-    p.add_argument("--backend", default="auto", help="loss backend: auto, chunked, triton, reference")
+    p.add_argument("--backend", choices=backends, default="auto", help="loss backend")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_score)
 
     d = TrainConfig()
-    p = sub.add_parser("train", help="train a causal LM with SLM (or plain CLM with --keep-ratio 1)")
+    p = sub.add_parser(
+        "train", formatter_class=defaults, help="train a causal LM with SLM (or plain CLM with --keep-ratio 1)"
+    )
     p.add_argument("--data", required=True, help="scored dataset from `rho-fused score`")
     p.add_argument("--out", required=True, help="output directory: checkpoint/, model/, history.json")
     src = p.add_mutually_exclusive_group(required=True)
@@ -186,7 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scope", choices=("batch", "sequence"), default=d.scope,
                    help="select over the whole batch (under torchrun: all ranks'), or per sequence")  # fmt: skip
     p.add_argument("--steps", type=int, default=d.steps)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument(
+        "--batch-size", type=int, default=d.batch_size, help="rows per micro-batch (the global batch under torchrun)"
+    )
     p.add_argument("--accum-steps", type=int, default=d.accum_steps, help="micro-batches per optimizer step")
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--min-lr", type=float, default=d.min_lr)
@@ -196,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--beta2", type=float, default=d.beta2)
     p.add_argument("--grad-clip", type=float, default=d.grad_clip)
     p.add_argument("--seed", type=int, default=d.seed, help="seeds the initialisation and the data order")
-    p.add_argument("--backend", default=d.backend)
+    p.add_argument("--backend", choices=backends, default=d.backend, help="loss backend")
     p.add_argument("--log-every", type=int, default=d.log_every)
     p.add_argument("--eval-every", type=int, default=d.eval_every)
     p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
@@ -206,11 +223,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("demo", help="the whole pipeline on CPU on the champ-dataset math corpus")
-    p.add_argument("--out", default="out/demo", help="output directory (default out/demo)")
+    p = sub.add_parser(
+        "demo", formatter_class=defaults, help="the whole pipeline on CPU on the champ-dataset math corpus"
+    )
+    p.add_argument("--out", default="out/demo", help="output directory")
     p.add_argument("--quick", action="store_true", help="a smoke-test run under a minute")
     p.add_argument("--seed", type=int, default=0, help="seeds the models' initialisation and the data order")
-    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: faster on shared small CPUs)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1 is faster on shared small CPUs)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_demo)
     return parser
@@ -220,6 +239,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``rho-fused`` console script and of ``python -m rho_fused``."""
     args = build_parser().parse_args(argv)
     from .scoring import FingerprintMismatchError
+
+    if args.no_progress:  # the libraries' own bars too (saving shards, writing datasets)
+        import datasets
+        import transformers
+
+        datasets.disable_progress_bars()
+        transformers.utils.logging.disable_progress_bar()
 
     try:
         if args.command == "demo":
