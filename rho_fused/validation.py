@@ -6,6 +6,7 @@ Each error names the argument, what was expected and what was given.
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 from torch import Tensor
@@ -87,7 +88,7 @@ def make_problem(
                 f"{name} is on {t.device} but hidden is on {hidden.device}: all tensors must share a device"
             )
 
-    if isinstance(keep_ratio, bool) or not isinstance(keep_ratio, (int, float)):
+    if isinstance(keep_ratio, bool) or not isinstance(keep_ratio, numbers.Real):  # numpy scalars too
         raise TypeError(f"keep_ratio must be a float in (0, 1], got {type(keep_ratio).__name__}")
     if not (0.0 < keep_ratio <= 1.0):
         raise ValueError(f"keep_ratio must be in (0, 1], got {keep_ratio}")
