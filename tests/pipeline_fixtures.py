@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import random
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 
@@ -69,3 +71,12 @@ def one_thread() -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(n)
+
+
+def reference_workdir(root: Path, n_texts: int = 30) -> Path:
+    """``root`` holding a tiny reference Llama with its tokenizer (``ref/``) and a text corpus (``corpus.jsonl``)."""
+    tok = make_tokenizer(300)
+    tiny_llama(len(tok), seed=3).save_pretrained(root / "ref")
+    tok.save_pretrained(root / "ref")
+    (root / "corpus.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS[:n_texts]))
+    return root

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from pipeline_fixtures import TEXTS, make_tokenizer, one_thread, tiny_llama
+from pipeline_fixtures import TEXTS, make_tokenizer, one_thread, reference_workdir
 from safetensors.torch import load_file
 
 from rho_fused.cli import main
@@ -113,11 +113,7 @@ def run_and_kill(tmp: Path, argv: list[str], point: str, nth: int, nproc: int = 
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("kill")
-    tok = make_tokenizer(300)
-    tiny_llama(len(tok), seed=3).save_pretrained(root / "ref")
-    tok.save_pretrained(root / "ref")
-    (root / "corpus.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS[:30]))
+    root = reference_workdir(tmp_path_factory.mktemp("kill"))
     with one_thread():
         assert main(score_argv(root, "scored")) == 0
         assert main(train_argv(root, "straight")) == 0  # the uninterrupted run

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from pipeline_fixtures import TEXTS, make_tokenizer, one_thread, tiny_llama
+from pipeline_fixtures import one_thread, reference_workdir, tiny_llama
 
 from rho_fused.cli import main
 
@@ -38,12 +38,7 @@ def torchrun(nproc: int, argv: list[str], timeout: float = 180) -> subprocess.Co
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> Path:
     """A tiny reference model (also the config trained from) with its tokenizer, and a text corpus."""
-    root = tmp_path_factory.mktemp("torchrun")
-    tok = make_tokenizer(300)
-    tiny_llama(len(tok), seed=3).save_pretrained(root / "ref")
-    tok.save_pretrained(root / "ref")
-    (root / "corpus.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS[:30]))
-    return root
+    return reference_workdir(tmp_path_factory.mktemp("torchrun"))
 
 
 def score_argv(root: Path, out: str) -> list[str]:
