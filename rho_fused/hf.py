@@ -59,6 +59,22 @@ def final_hidden_states(
     return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
 
 
+def head_inputs(
+    model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None = None, **model_kwargs: object
+) -> tuple[Tensor, Tensor, Tensor | None, float | None]:
+    """``(hidden, weight, bias, softcap)`` such that the model's logits are ``cap(hidden @ weight.T + bias)``.
+
+    The final hidden states and the LM head, with a logit scale folded in:
+    ``scale * (h @ W.T + b) = (scale * h) @ W.T + scale * b``.
+    """
+    weight, bias, softcap, scale = lm_head_of(model)
+    hidden = final_hidden_states(model, input_ids, attention_mask, **model_kwargs)
+    if scale != 1.0:
+        hidden = hidden * scale
+        bias = None if bias is None else bias * scale
+    return hidden, weight, bias, softcap
+
+
 def shift_left(x: Tensor, fill: float | int) -> Tensor:
     """``x[:, 1:]`` padded with ``fill`` at the end: position ``t`` then holds what position ``t`` predicts."""
     return torch.cat([x[..., 1:], x.new_full((*x.shape[:-1], 1), fill)], dim=-1)
@@ -106,11 +122,7 @@ def causal_lm_loss(
         raise ValueError(f"labels must have the shape of input_ids {tuple(input_ids.shape)}, got {tuple(labels.shape)}")
     if ref_loss is not None and ref_loss.shape != labels.shape:
         raise ValueError(f"ref_loss must have the shape of labels {tuple(labels.shape)}, got {tuple(ref_loss.shape)}")
-    weight, bias, softcap, scale = lm_head_of(model)
-    hidden = final_hidden_states(model, input_ids, attention_mask, **model_kwargs)
-    if scale != 1.0:  # scale * (h @ W.T + b) = (scale * h) @ W.T + scale * b
-        hidden = hidden * scale
-        bias = None if bias is None else bias * scale
+    hidden, weight, bias, softcap = head_inputs(model, input_ids, attention_mask, **model_kwargs)
     # The causal shift moves the targets, never the hidden states: hidden[t] predicts labels[t + 1];
     # the last position gets ignore_index. No copy of the [B, T, D] activations is made.
     targets = shift_left(labels.to(hidden.device), ignore_index)

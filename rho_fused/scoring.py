@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from .atomic import atomic_dir, recover, write_json
 from .data import pad_batch, rank_and_world
-from .hf import final_hidden_states, lm_head_of, shift_left, shift_right
+from .hf import head_inputs, shift_left, shift_right
 from .loss import token_losses
 
 META_FILE = "rho_fused.json"
@@ -92,7 +92,6 @@ def score_rows(
     rank, world = shard
     model.eval()
     device = next(model.parameters()).device
-    weight, bias, softcap, scale = lm_head_of(model)
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
     starts = range(rank * batch_size, len(order), batch_size * world)
     out: list[np.ndarray | None] = [None] * len(rows)
@@ -102,14 +101,9 @@ def score_rows(
         idx = order[start : start + batch_size]
         batch = pad_batch([{"input_ids": rows[i]} for i in idx])
         ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-        hidden = final_hidden_states(model, ids, mask)
-        if scale != 1.0:  # scale * (h @ W.T + b) = (scale * h) @ W.T + scale * b
-            hidden = hidden * scale
-            bias_scaled = None if bias is None else bias * scale
-        else:
-            bias_scaled = bias
+        hidden, weight, bias, softcap = head_inputs(model, ids, mask)
         targets = shift_left(batch["labels"].to(device), -100)
-        ce = token_losses(hidden, weight, targets, bias=bias_scaled, softcap=softcap, backend=backend)
+        ce = token_losses(hidden, weight, targets, bias=bias, softcap=softcap, backend=backend)
         ce = shift_right(ce, 0.0).float().cpu().numpy()
         for j, i in enumerate(idx):
             out[i] = ce[j, : len(rows[i])].copy()

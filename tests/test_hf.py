@@ -303,3 +303,20 @@ def test_kept_count_global_sums_over_the_process_group(tmp_path) -> None:
         assert kept_count(labels, 0.6, scope="global") == kept_count(labels, 0.6) == 8  # ceil(0.6 * 13)
     finally:
         dist.destroy_process_group()
+
+
+def test_head_inputs_fold_the_logit_scale_into_the_bias_too():
+    """``scale * (h @ W.T + b)``: a head with both a bias and a logit scale (Granite-style ``logits_scaling``)."""
+    from pipeline_fixtures import tiny_llama
+
+    from rho_fused.hf import final_hidden_states, head_inputs
+
+    model = tiny_llama(40, seed=2)
+    model.lm_head = torch.nn.Linear(model.config.hidden_size, 40, bias=True)
+    torch.nn.init.normal_(model.lm_head.bias)
+    model.config.logits_scaling = 4.0  # logits / 4
+    ids = torch.randint(0, 40, (2, 7))
+    with torch.no_grad():
+        hidden, weight, bias, _ = head_inputs(model, ids)
+        expected = model.lm_head(final_hidden_states(model, ids)) / 4.0
+        torch.testing.assert_close(hidden @ weight.T + bias, expected)
