@@ -122,11 +122,14 @@ def _release_memory() -> None:
 def peak_growth_child(method: str, task: str, n: int, d: int, v: int, keep_ratio: float, device: str) -> float:
     """In this (fresh) process: peak memory growth of one forward+backward, in MiB.
 
-    A small warm-up step first (library buffers, compilation) so that the measured step holds
-    only what the method needs for this shape, gradients included.
+    The step of a training loop after its first: one warm-up step at the same shape first, whose
+    gradients are then dropped, so that what the libraries keep after a first call at a shape
+    (oneDNN's kernels and caches, thread arenas: ~10 MiB for every method here) is not counted,
+    and the measured step holds only what the method needs, gradients included.
     """
-    step(method, Inputs.make(64, d, min(v, 4096), keep_ratio, device), task)
     x = Inputs.make(n, d, v, keep_ratio, device)
+    step(method, x, task)
+    x.zero_grad()
     _release_memory()
     if device == "cuda":
         torch.cuda.synchronize()

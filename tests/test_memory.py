@@ -42,7 +42,8 @@ def largest_tensor(backend: str, softcap: float | None) -> int:
 @pytest.mark.parametrize("softcap", [None, 3.0])
 def test_chunked_never_materialises_logits(monkeypatch, softcap):
     rows = 8
-    monkeypatch.setattr(chunked, "CHUNK_BUDGET_BYTES", rows * V * 4 * chunked.CHUNK_BUFFERS)
+    monkeypatch.setattr(chunked, "FORWARD_BUDGET_BYTES", rows * V * 4 * 2)
+    monkeypatch.setattr(chunked, "BACKWARD_BUDGET_BYTES", rows * V * 4)
     # Inputs and their gradients are N x D and V x D; one chunk of logits is rows x V.
     allowed = max(N * D, V * D, rows * V)
     assert allowed < N * V // 2

@@ -18,8 +18,11 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 @pytest.fixture(autouse=True)
 def small_chunks(monkeypatch):
-    """Chunks of a few rows, so every shape below spans several chunks and ends in a partial one."""
-    monkeypatch.setattr(chunked, "CHUNK_BUDGET_BYTES", 7 * 97 * 4 * chunked.CHUNK_BUFFERS)
+    """Tiles of a few rows and 16 columns, so every shape below spans several blocks of rows and of
+    columns, the last ones short."""
+    monkeypatch.setattr(chunked, "MIN_TILE_COLS", 16)
+    monkeypatch.setattr(chunked, "FORWARD_BUDGET_BYTES", 7 * 97 * 4 * 2)
+    monkeypatch.setattr(chunked, "BACKWARD_BUDGET_BYTES", 8 * 6 * 24 * 4)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -168,5 +171,5 @@ def test_blocks_wider_than_dim(dtype, bias, softcap):
         ignore_index=IGNORE, reduction="none", scope="batch", softcap=softcap,
     )  # fmt: skip
     kept = int(problem.valid.sum() * 0.8)
-    assert chunked.tile_shape(problem, kept)[0] > 8
+    assert chunked.backward_tile(problem, kept)[0] > 8
     assert_parity(case, "chunked", dtype, keep_ratio=0.8, reduction="none", softcap=softcap)

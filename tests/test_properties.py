@@ -33,14 +33,16 @@ def test_chunked_matches_reference(
     case = make_case(
         (batch, length), dim, vocab, seed=seed, bias=bias, ignore_frac=ignore_frac, ref=ref, softcap=softcap
     )
-    budget = chunked.CHUNK_BUDGET_BYTES
-    chunked.CHUNK_BUDGET_BYTES = chunk * vocab * 4 * chunked.CHUNK_BUFFERS
+    budgets = chunked.FORWARD_BUDGET_BYTES, chunked.BACKWARD_BUDGET_BYTES, chunked.MIN_TILE_COLS
+    chunked.FORWARD_BUDGET_BYTES = chunk * vocab * 4 * 2
+    chunked.BACKWARD_BUDGET_BYTES = chunk * 6 * dim * 4  # blocks of `chunk` kept rows
+    chunked.MIN_TILE_COLS = 8
     try:
         stats = assert_parity(
             case, "chunked", torch.float32, keep_ratio=keep_ratio, reduction=reduction, scope=scope, softcap=softcap
         )
     finally:
-        chunked.CHUNK_BUDGET_BYTES = budget
+        chunked.FORWARD_BUDGET_BYTES, chunked.BACKWARD_BUDGET_BYTES, chunked.MIN_TILE_COLS = budgets
     assert stats.kept.sum() == stats.n_kept.sum() <= stats.n_valid.sum()
 
 

@@ -12,14 +12,16 @@ where ``g_i`` is the upstream gradient of token ``i``'s term of the loss.
 
 How it stays near the matmul floor ``(2 + 6 r) N D V`` (measurements in ``bench/NOTES.md``):
 
-- Tiles span many rows and few vocabulary columns, as many as the memory budget allows: every
-  product then has long dimensions (``h @ W_c^T``, ``d z_c^T @ h`` over all kept rows,
-  ``W_c^T @ d z_c^T``), which the GEMM runs near its peak. A block of few rows against the whole
-  vocabulary instead makes it re-pack all of ``W`` for a few rows' worth of work.
+- Tiles span many rows and few vocabulary columns, within a memory budget for each pass: every
+  product then has long dimensions (``h @ W_c^T``, ``d z_c^T @ h`` over a block of hundreds of
+  rows, ``W_c^T @ d z_c^T``), which the GEMM runs near its peak. A block of few rows against the
+  whole vocabulary instead makes it re-pack all of ``W`` for a few rows' worth of work. The
+  backward's budget is the smaller: it runs while the gradients (``V x D``) are held too.
 - On CPU in fp32, products go through oneDNN where this torch has it; it runs these shapes at
   about twice the rate of MKL's ``torch.mm`` on AVX-512 machines.
 - Backward tiles are ``[cols, rows]``, so ``-lse`` of each row is the product's bias and one
-  in-place ``exp_`` gives the softmax; ``g_i`` scales ``[rows, D]`` operands, never the tile.
+  in-place ``exp_`` gives the softmax; a ``g`` common to all tokens scales the products' outputs,
+  never the tile (per-token ``g``, for reduction "none", costs one pass over each tile).
 - Rows are views of ``hidden`` when every token is valid; otherwise one gather per block of rows.
 """
 
@@ -35,26 +37,48 @@ from torch.autograd.function import once_differentiable
 from ..problem import LossProblem, SelectionStats, make_stats, reduce_loss
 from ..selection import select
 
-# Working memory for one tile's logits-sized buffers; the tile's shape follows from it.
-CHUNK_BUDGET_BYTES = 32 * 2**20
-# Logits-sized buffers alive at once: the tile, and a second one (log-softmax's output in the
-# forward; the capped logits under a softcap in the backward).
-CHUNK_BUFFERS = 2
+# Working memory of the forward: its two logits-sized buffers (the tile, and log-softmax's output).
+# The gradients do not exist yet, so this may be larger than the backward's.
+FORWARD_BUDGET_BYTES = 4 * 2**20
+# Working memory of the backward beyond the gradients it returns (already V x D + N x D): a block's
+# rows of hidden and of d hidden, its tile of logits, and two [cols, D] operands per tile.
+BACKWARD_BUDGET_BYTES = 8 * 2**20
 # Fewest vocabulary columns in a tile: below this, blocks of rows shrink instead.
 MIN_TILE_COLS = 64
 
 
-def tile_shape(p: LossProblem, n_rows: int) -> tuple[int, int]:
-    """``(rows, cols)`` of a tile over ``n_rows`` rows, ``CHUNK_BUFFERS`` of which fit the budget.
+def _even(n: int, most: int) -> int:
+    """Rows per block when ``n`` rows go in blocks of at most ``most``, as evenly as possible."""
+    blocks = -(-n // max(1, most))
+    return max(1, -(-n // max(1, blocks)))
+
+
+def forward_tile(p: LossProblem, n_rows: int) -> tuple[int, int]:
+    """``(rows, cols)`` of a forward tile over ``n_rows`` rows: two of them fit ``FORWARD_BUDGET_BYTES``.
 
     All rows in one block while that leaves ``MIN_TILE_COLS`` columns; fewer rows beyond.
     """
-    elems = max(1, CHUNK_BUDGET_BYTES // (p.compute_dtype.itemsize * CHUNK_BUFFERS))
+    elems = max(1, FORWARD_BUDGET_BYTES // (2 * p.compute_dtype.itemsize))
     n_vocab, dim = p.weight.shape
-    # At most a tile's worth of columns of W (the backward copies W_c^T once per tile).
+    # Columns also bounded by elems // dim: a slice of W is converted to the compute dtype per tile.
     cols = min(n_vocab, max(MIN_TILE_COLS, min(elems // max(n_rows, 1), elems // dim)))
-    rows = max(1, min(n_rows, elems // cols, elems // dim))
-    return rows, cols
+    return _even(n_rows, min(elems // cols, elems // dim)), cols
+
+
+def backward_tile(p: LossProblem, n_rows: int, row_buffers: int = 3) -> tuple[int, int]:
+    """``(rows, cols)`` of a backward tile over ``n_rows`` kept rows, within ``BACKWARD_BUDGET_BYTES``.
+
+    Working set, in elements: ``row_buffers R D`` (the gathered rows, d hidden^T, each tile's product
+    into it; two when the rows live in d hidden's storage) ``+ k R C`` (the tile; k = 2 with a bias
+    or softcap) ``+ 2 C D`` (d W_c, and the operand copied for d hidden). The ``[R, D]`` buffers
+    take at most two thirds of it; the columns fill the rest.
+    """
+    elems = max(1, BACKWARD_BUDGET_BYTES // p.compute_dtype.itemsize)
+    n_vocab, dim = p.weight.shape
+    tiles = 1 if p.bias is None and p.softcap is None else 2
+    rows = _even(n_rows, 2 * elems // (3 * row_buffers * dim))
+    cols = (elems - row_buffers * rows * dim) // (tiles * rows + 2 * dim)
+    return rows, min(n_vocab, max(MIN_TILE_COLS, cols))
 
 
 def _onednn_linear():
@@ -86,11 +110,13 @@ def _capped(p: LossProblem, z: Tensor) -> Tensor:
     return z if p.softcap is None else z.div_(p.softcap).tanh_().mul_(p.softcap)
 
 
-def _row_blocks(p: LossProblem, idx: Tensor, contiguous: bool, step: int) -> Iterator[tuple[slice, Tensor, Tensor]]:
+def _row_blocks(
+    p: LossProblem, idx: Tensor, contiguous: bool, step: int, out: Tensor | None = None
+) -> Iterator[tuple[slice, Tensor, Tensor]]:
     """``(positions in idx, rows of hidden, targets)`` per block of ``step`` tokens of ``idx``.
 
     When ``contiguous`` (``idx`` is ``0 .. N-1``) the rows are views of ``hidden``; otherwise one
-    gather per block.
+    gather per block, into the first rows of ``out`` if given.
     """
     for start in range(0, idx.shape[0], step):
         pos = slice(start, min(start + step, idx.shape[0]))
@@ -98,26 +124,26 @@ def _row_blocks(p: LossProblem, idx: Tensor, contiguous: bool, step: int) -> Ite
             yield pos, p.hidden[pos], p.targets[pos]
         else:
             rows = idx[pos]
-            yield pos, p.hidden.index_select(0, rows), p.targets.index_select(0, rows)
+            h = torch.index_select(p.hidden, 0, rows, out=None if out is None else out[: len(rows)])
+            yield pos, h, p.targets.index_select(0, rows)
 
 
-def _col_blocks(n_vocab: int, step: int) -> Iterator[slice]:
-    """Slices of the vocabulary, ``step`` columns each."""
-    for start in range(0, n_vocab, step):
-        yield slice(start, min(start + step, n_vocab))
-
-
-def _targets_in(t: Tensor, cols: slice) -> tuple[Tensor, Tensor]:
-    """``(rows, column)``: the rows whose target falls in ``cols``, and its column there."""
-    rows = ((t >= cols.start) & (t < cols.stop)).nonzero().squeeze(1)
-    return rows, t[rows] - cols.start
+def _col_blocks(t: Tensor, n_vocab: int, step: int) -> Iterator[tuple[slice, Tensor, Tensor]]:
+    """Per block of ``step`` vocabulary columns: its slice, the rows whose target (in ``t``) falls
+    in it, and that target's column there. One sort of ``t`` and one host read for all blocks."""
+    starts = list(range(0, n_vocab, step))
+    sorted_t, order = torch.sort(t, stable=True)
+    bounds = torch.searchsorted(sorted_t, torch.tensor([*starts, n_vocab], dtype=t.dtype, device=t.device)).tolist()
+    for start, lo, hi in zip(starts, bounds[:-1], bounds[1:], strict=True):
+        yield slice(start, min(start + step, n_vocab)), order[lo:hi], sorted_t[lo:hi] - start
 
 
 def _forward(p: LossProblem) -> tuple[Tensor, Tensor]:
     """``(ce, lse)`` per token in the compute dtype, 0 at ignored tokens, which cost nothing.
 
     Per ``[rows, cols]`` tile, ``log_softmax`` into the second buffer gives the tile's
-    logsumexp (``z - log_softmax(z)`` at any column), merged across tiles with ``logaddexp``.
+    logsumexp, ``max z - max log_softmax(z)`` (both at the largest logit, where ``log_softmax`` is
+    nearest 0 and loses least), merged across tiles with ``logaddexp``.
     """
     dtype = p.compute_dtype
     n, n_vocab = p.targets.shape[0], p.weight.shape[0]
@@ -127,18 +153,17 @@ def _forward(p: LossProblem) -> tuple[Tensor, Tensor]:
     valid = p.valid
     contiguous = bool(valid.all())
     idx = torch.arange(n, device=valid.device) if contiguous else valid.nonzero().squeeze(1)
-    step, width = tile_shape(p, idx.shape[0])
+    step, width = forward_tile(p, idx.shape[0])
     scratch = torch.empty(min(step, idx.shape[0]) * width, dtype=dtype, device=p.hidden.device)
     for pos, h, t in _row_blocks(p, idx, contiguous, step):
         h = h.to(dtype)
         lse_rows = torch.full((h.shape[0],), float("-inf"), dtype=dtype, device=h.device)
         z_target = torch.zeros_like(lse_rows)
-        for cols in _col_blocks(n_vocab, width):
+        for cols, hit, col in _col_blocks(t, n_vocab, width):
             z = _capped(p, _linear(h, w[cols], None if b is None else b[cols]))
-            hit, col = _targets_in(t, cols)
             z_target[hit] = z[hit, col]
             log_probs = torch.log_softmax(z, dim=1, out=scratch[: z.numel()].view_as(z))
-            lse_rows = torch.logaddexp(lse_rows, z[:, 0] - log_probs[:, 0])
+            lse_rows = torch.logaddexp(lse_rows, z.amax(1) - log_probs.amax(1))
             del z, log_probs
         rows = pos if contiguous else idx[pos]
         lse[rows] = lse_rows
@@ -149,8 +174,10 @@ def _forward(p: LossProblem) -> tuple[Tensor, Tensor]:
 class _Grads:
     """``d hidden``, ``d W``, ``d bias`` (those needed), accumulated one ``[cols, rows]`` tile at a time.
 
-    The tile ``(d z / g)^T`` is contiguous, the operand layout oneDNN reads best for
-    ``d W_c = (d z / g)^T @ (g h)``; ``(d h / g)^T = W_c^T @ (d z / g)^T`` copies one operand per tile.
+    A tile holds ``softmax(z_i) - onehot(t_i)`` in column ``i``, times ``g_i`` when ``g`` differs
+    per token; a ``g`` common to all tokens (reductions "mean", "sum") scales the products instead.
+    The tile is contiguous, the operand layout oneDNN reads best for ``d W_c = tile @ h``;
+    ``(d h)^T = W_c^T @ tile`` copies one operand per tile.
     """
 
     def __init__(self, p: LossProblem, w: Tensor, b: Tensor | None, needs: tuple[bool, ...]) -> None:
@@ -158,19 +185,19 @@ class _Grads:
         dtype, (n_vocab, dim) = p.compute_dtype, w.shape
         self.p, self.w, self.b = p, w, b
         self.dh = torch.zeros_like(p.hidden) if needs[0] else None
+        self.rows_in_dh = False
         # d W is written by the first block of rows and added to by the others (no zero fill).
         self.dw = torch.empty(n_vocab, dim, dtype=dtype, device=w.device) if needs[1] else None
         self.db = torch.zeros(n_vocab, dtype=dtype, device=w.device) if needs[2] else None
         self.first_block = True
 
-    def start_rows(self, h: Tensor, g: Tensor) -> None:
-        """A block of rows ``h`` with upstream gradients ``g`` begins; ``g`` scales ``[rows, D]`` operands only."""
-        self.g = g
-        self.hg = h * g[:, None] if self.dw is not None else None
+    def start_rows(self, h: Tensor, scale: Tensor) -> None:
+        """A block of rows ``h`` begins; ``scale``: the common ``g`` ([1]), or ones when the tile holds ``g``."""
+        self.h, self.scale = h, scale
         self.dh_t = h.new_zeros(h.shape[1], h.shape[0]) if self.dh is not None else None
 
     def add(self, dz_t: Tensor, cols: slice) -> None:
-        """One tile ``(d z / g)^T``, ``[cols, rows]``, contiguous."""
+        """One tile ``[cols, rows]``, contiguous."""
         if self.dh_t is not None:
             # oneDNN reads a transposed weight but wants its input contiguous: copy the smaller
             # of the tile (as d z) and the slice of W (as W_c^T).
@@ -179,18 +206,21 @@ class _Grads:
             else:
                 self.dh_t.add_(_linear(self.w[cols].T.contiguous(), dz_t.T))
         if self.dw is not None:
-            dw_tile = _linear(dz_t, self.hg.T)
+            dw_tile = _linear(dz_t, self.h.T)
             if self.first_block:
-                self.dw[cols].copy_(dw_tile)
+                torch.mul(dw_tile, self.scale, out=self.dw[cols])
             else:
-                self.dw[cols].add_(dw_tile)
+                self.dw[cols].addcmul_(dw_tile, self.scale)
         if self.db is not None:
-            self.db[cols].addmv_(dz_t, self.g)
+            self.db[cols].addcmul_(dz_t.sum(1), self.scale)
 
     def end_rows(self, rows: Tensor) -> None:
         """The current block of rows is done: its ``d hidden`` goes to token indices ``rows``."""
         if self.dh is not None:
-            self.dh[rows] = (self.dh_t.T * self.g[:, None]).to(self.dh.dtype)
+            dh = self.dh_t.T * self.scale
+            if self.rows_in_dh:  # the gathered rows are no longer needed
+                self.dh.zero_()
+            self.dh[rows] = dh.to(self.dh.dtype)
         self.first_block = False
 
     def result(self) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
@@ -207,17 +237,23 @@ class _Grads:
 def _backward(p: LossProblem, lse: Tensor, kept_idx: Tensor, g: Tensor, grads: _Grads) -> None:
     """Gradients of ``sum_i g_i * ce_i`` over the kept rows ``kept_idx`` (``g`` aligned with them).
 
-    Tiles are ``[cols, rows]``: ``W_c @ h^T`` takes ``-lse`` of each row as the bias of its column,
-    so that one ``exp_`` gives the softmax (with a bias or a softcap, which come first, two passes).
+    Tiles are ``[cols, rows]``: ``W_c @ h^T`` takes ``-lse_i`` as the bias of column ``i``, so
+    that one ``exp_`` gives the softmax; with a bias or a softcap, which come first, two passes.
     """
     dtype = p.compute_dtype
     w, b = grads.w, grads.b
-    step, width = tile_shape(p, kept_idx.shape[0])
-    for pos, h, t in _row_blocks(p, kept_idx, False, step):
+    n_kept = kept_idx.shape[0]
+    common = g.stride(0) == 0  # an expanded scalar: the same g for every token
+    scale = g[:1] if common else g.new_ones(1)
+    # When one block holds every kept row, d hidden's storage can hold the gathered rows until
+    # d hidden is written: one [rows, D] buffer fewer in the budget.
+    grads.rows_in_dh = grads.dh is not None and grads.dh.dtype == dtype and backward_tile(p, n_kept, 2)[0] == n_kept
+    step, width = backward_tile(p, n_kept, 2 if grads.rows_in_dh else 3)
+    for pos, h, t in _row_blocks(p, kept_idx, False, step, out=grads.dh if grads.rows_in_dh else None):
         h = h.to(dtype)
-        neg_lse = -lse[kept_idx[pos]]
-        grads.start_rows(h, g[pos])
-        for cols in _col_blocks(w.shape[0], width):
+        neg_lse, g_rows = -lse[kept_idx[pos]], g[pos]
+        grads.start_rows(h, scale)
+        for cols, hit, col in _col_blocks(t, w.shape[0], width):
             if b is None and p.softcap is None:
                 z_t = None
                 dz_t = _linear(w[cols], h, neg_lse).exp_()  # softmax^T
@@ -227,8 +263,9 @@ def _backward(p: LossProblem, lse: Tensor, kept_idx: Tensor, g: Tensor, grads: _
                     z_t.add_(b[cols, None])
                 z_t = _capped(p, z_t)
                 dz_t = torch.add(z_t, neg_lse).exp_()
-            hit, col = _targets_in(t, cols)
             dz_t[col, hit] -= 1.0
+            if not common:
+                dz_t.mul_(g_rows)
             if z_t is not None and p.softcap is not None:  # d cap(u) / du = 1 - tanh^2, tanh = z / c
                 dz_t.mul_(z_t.div_(p.softcap).square_().neg_().add_(1.0))
             grads.add(dz_t, cols)
