@@ -41,10 +41,23 @@ from ..selection import select
 # The gradients do not exist yet, so this may be larger than the backward's.
 FORWARD_BUDGET_BYTES = 4 * 2**20
 # Working memory of the backward beyond the gradients it returns (already V x D + N x D): a block's
-# rows of hidden and of d hidden, its tile of logits, and two [cols, D] operands per tile.
+# rows of hidden and of d hidden, its tile of logits, and two [cols, D] operands per tile. At least
+# BACKWARD_BUDGET_BYTES, and up to BACKWARD_BUDGET_OF_DW of d W's bytes, which the step holds anyway.
 BACKWARD_BUDGET_BYTES = 8 * 2**20
+BACKWARD_BUDGET_OF_DW = 1 / 8
 # Fewest vocabulary columns in a tile: below this, blocks of rows shrink instead.
 MIN_TILE_COLS = 64
+# Tiles are a multiple of this many columns wide where they can be: oneDNN ran the backward's
+# products at ~430 GFLOP/s for 320, 384 or 448 columns, ~300-340 for 372 or 481 (bench/NOTES.md).
+TILE_COLS_MULTIPLE = 64
+
+
+def _cols(n_vocab: int, cols: int) -> int:
+    """``cols`` clamped to ``[MIN_TILE_COLS, n_vocab]``, rounded down to a multiple of ``TILE_COLS_MULTIPLE``."""
+    cols = max(MIN_TILE_COLS, cols)
+    if cols >= TILE_COLS_MULTIPLE:
+        cols -= cols % TILE_COLS_MULTIPLE
+    return min(n_vocab, cols)
 
 
 def _even(n: int, most: int) -> int:
@@ -61,24 +74,24 @@ def forward_tile(p: LossProblem, n_rows: int) -> tuple[int, int]:
     elems = max(1, FORWARD_BUDGET_BYTES // (2 * p.compute_dtype.itemsize))
     n_vocab, dim = p.weight.shape
     # Columns also bounded by elems // dim: a slice of W is converted to the compute dtype per tile.
-    cols = min(n_vocab, max(MIN_TILE_COLS, min(elems // max(n_rows, 1), elems // dim)))
-    return _even(n_rows, min(elems // cols, elems // dim)), cols
+    cols = _cols(n_vocab, min(elems // max(n_rows, 1), elems // dim))
+    return _even(n_rows, elems // cols), cols
 
 
 def backward_tile(p: LossProblem, n_rows: int, row_buffers: int = 3) -> tuple[int, int]:
-    """``(rows, cols)`` of a backward tile over ``n_rows`` kept rows, within ``BACKWARD_BUDGET_BYTES``.
+    """``(rows, cols)`` of a backward tile over ``n_rows`` kept rows, within the backward's budget.
 
     Working set, in elements: ``row_buffers R D`` (the gathered rows, d hidden^T, each tile's product
     into it; two when the rows live in d hidden's storage) ``+ k R C`` (the tile; k = 2 with a bias
     or softcap) ``+ 2 C D`` (d W_c, and the operand copied for d hidden). The ``[R, D]`` buffers
     take at most two thirds of it; the columns fill the rest.
     """
-    elems = max(1, BACKWARD_BUDGET_BYTES // p.compute_dtype.itemsize)
     n_vocab, dim = p.weight.shape
+    elems = max(1, BACKWARD_BUDGET_BYTES // p.compute_dtype.itemsize, int(n_vocab * dim * BACKWARD_BUDGET_OF_DW))
     tiles = 1 if p.bias is None and p.softcap is None else 2
     rows = _even(n_rows, 2 * elems // (3 * row_buffers * dim))
     cols = (elems - row_buffers * rows * dim) // (tiles * rows + 2 * dim)
-    return rows, min(n_vocab, max(MIN_TILE_COLS, cols))
+    return rows, _cols(n_vocab, cols)
 
 
 def _onednn_linear():
