@@ -2,22 +2,22 @@
 
     python bench/backends.py --tokens 2048 --dim 512 --vocab 32000 --keep 0.6
 
-Times alternate between backends after a warm-up (medians of ``--reps``); peak memory is the
-growth of the resident set during one forward+backward, each backend in a fresh subprocess
-(the high-water mark is reset once the inputs exist, via /proc/self/clear_refs). CPU, fp32.
+Times alternate between backends after a warm-up (medians of ``--reps``); peak memory is
+`measure.step_peak_growth` (the step after a first one at the same shape, gradients included),
+each backend in a fresh subprocess. CPU, fp32.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import re
+import os
 import statistics
 import subprocess
 import sys
-import time
 
 import torch
+from measure import CHILD_ENV, step_peak_growth, timed
 
 import rho_fused
 
@@ -34,24 +34,10 @@ def make_inputs(args: argparse.Namespace) -> tuple[torch.Tensor, ...]:
 
 
 def step(backend: str, hidden, weight, targets, ref_loss, keep: float) -> None:
+    """One forward+backward; the gradients are dropped afterwards (their peak is counted)."""
     loss = rho_fused.fused_selective_loss(hidden, weight, targets, ref_loss, keep_ratio=keep, backend=backend)
     loss.backward()
     hidden.grad = weight.grad = None
-
-
-def _kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        return int(re.search(rf"{field}:\s+(\d+)", f.read()).group(1))
-
-
-def peak_growth_mib(args: argparse.Namespace) -> float:
-    """Run in a fresh process: resident-set growth of one forward+backward, in MiB."""
-    inputs = make_inputs(args)
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset the high-water mark to the current resident set
-    before = _kib("VmRSS")
-    step(args.memory_of, *inputs, args.keep)
-    return (_kib("VmHWM") - before) / 1024
 
 
 def main() -> None:
@@ -63,24 +49,20 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--memory-of", choices=BACKENDS, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    inputs = make_inputs(args)
     if args.memory_of:
-        print(json.dumps(peak_growth_mib(args)))
+        print(json.dumps(step_peak_growth(lambda: step(args.memory_of, *inputs, args.keep), lambda: None, "cpu")))
         return
 
-    inputs = make_inputs(args)
     times: dict[str, list[float]] = {b: [] for b in BACKENDS}
     for b in BACKENDS:
         step(b, *inputs, args.keep)  # warm-up
     for _ in range(args.reps):
         for b in BACKENDS:
-            start = time.perf_counter()
-            step(b, *inputs, args.keep)
-            times[b].append(time.perf_counter() - start)
-    base = [a for a in sys.argv[1:]]
-    memory = {
-        b: json.loads(subprocess.check_output([sys.executable, __file__, *base, "--memory-of", b], text=True))
-        for b in BACKENDS
-    }
+            times[b].append(timed(lambda b=b: step(b, *inputs, args.keep), "cpu"))
+    child = [sys.executable, __file__, *sys.argv[1:], "--memory-of"]
+    env = {**os.environ, **CHILD_ENV}
+    memory = {b: json.loads(subprocess.check_output([*child, b], text=True, env=env)) for b in BACKENDS}
     n, d, v, r = args.tokens, args.dim, args.vocab, args.keep
     print(f"N={n} D={d} V={v} keep={r} fp32, torch {torch.__version__}, {torch.get_num_threads()} threads")
     print("| backend | fwd+bwd median (s) | peak RSS growth (MiB) |")

@@ -3,8 +3,8 @@
 Times: forward+backward of one step, methods alternating within each repetition after a warm-up,
 medians over repetitions. Rate: a 2048^3 fp32 GEMM by ``torch.mm`` and by oneDNN, timed in the
 same alternation; the faster gives the floor. Memory: one step in a fresh process
-(`peak_growth_child`): the resident-set high-water mark minus the resident set once the inputs
-exist (CPU), or ``torch.cuda.max_memory_allocated`` minus the allocated bytes (CUDA).
+(`peak_growth_child`), after one at the same shape: the resident-set high-water mark minus the
+resident set before it (CPU), or ``torch.cuda.max_memory_allocated`` minus the allocated bytes (CUDA).
 """
 
 from __future__ import annotations
@@ -119,30 +119,34 @@ def _release_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
-def peak_growth_child(method: str, task: str, n: int, d: int, v: int, keep_ratio: float, device: str) -> float:
-    """In this (fresh) process: peak memory growth of one forward+backward, in MiB.
+def step_peak_growth(run_step: Callable[[], None], drop_grads: Callable[[], None], device: str) -> float:
+    """Peak memory growth of ``run_step()`` in MiB, in this process, gradients included.
 
-    The step of a training loop after its first: one warm-up step at the same shape first, whose
-    gradients are then dropped, so that what the libraries keep after a first call at a shape
-    (oneDNN's kernels and caches, thread arenas: ~10 MiB for every method here) is not counted,
-    and the measured step holds only what the method needs, gradients included.
+    The step of a training loop after its first: ``run_step`` once and its gradients dropped, so
+    that what the libraries keep after a first call at a shape (oneDNN's kernels and caches,
+    thread arenas: ~10 MiB for every method here) is not counted; then the measured call.
     """
-    x = Inputs.make(n, d, v, keep_ratio, device)
-    step(method, x, task)
-    x.zero_grad()
+    run_step()
+    drop_grads()
     _release_memory()
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
-        step(method, x, task)
+        run_step()
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - before) / 2**20
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset VmHWM to the current resident set
     before = _status_kib("VmRSS")
-    step(method, x, task)
+    run_step()
     return (_status_kib("VmHWM") - before) / 1024
+
+
+def peak_growth_child(method: str, task: str, n: int, d: int, v: int, keep_ratio: float, device: str) -> float:
+    """In this (fresh) process: `step_peak_growth` of one forward+backward of ``method``."""
+    x = Inputs.make(n, d, v, keep_ratio, device)
+    return step_peak_growth(lambda: step(method, x, task), x.zero_grad, device)
 
 
 def peak_growth(method: str, task: str, n: int, d: int, v: int, keep_ratio: float, device: str) -> float:

@@ -23,6 +23,8 @@ How it stays near the matmul floor ``(2 + 6 r) N D V`` (measurements in ``bench/
   in-place ``exp_`` gives the softmax; a ``g`` common to all tokens scales the products' outputs,
   never the tile (per-token ``g``, for reduction "none", costs one pass over each tile).
 - Rows are views of ``hidden`` when every token is valid; otherwise one gather per block of rows.
+  When one block holds every kept row, the backward gathers them into ``d hidden``'s storage,
+  which is free until ``d hidden`` is written at the end.
 """
 
 from __future__ import annotations
