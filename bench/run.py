@@ -163,7 +163,8 @@ def write_outputs(rows: list[report.Row], out: Path, stem: str, command: str, cs
         f"`{command}` on {r0.machine} ({r0.device}, {r0.threads} threads), torch {r0.torch}, fp32.",
         f"Medians of {r0.reps} alternating repetitions after a warm-up. Floor: matmul flops"
         " ((2 + 6r) N D V for SLM, 6 N D V for plain CE) over the fp32 matmul rate measured in the same run."
-        " Memory: peak growth of one forward+backward in a fresh process, gradients included.",
+        " Memory: peak growth of one forward+backward in a fresh process, gradients included,"
+        " measured on the step after a first one at the same shape.",
         "",
     ]
     for task, title in (("slm", f"SLM, keep {r0.keep_ratio if r0.task == 'slm' else 0.6}"), ("ce", "plain CE")):
