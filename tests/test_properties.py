@@ -35,7 +35,7 @@ def test_chunked_matches_reference(
     )
     budgets = chunked.FORWARD_BUDGET_BYTES, chunked.BACKWARD_BUDGET_BYTES, chunked.MIN_TILE_COLS
     chunked.FORWARD_BUDGET_BYTES = chunk * vocab * 4 * 2
-    chunked.BACKWARD_BUDGET_BYTES = chunk * 6 * dim * 4  # blocks of `chunk` kept rows
+    chunked.BACKWARD_BUDGET_BYTES = chunk * 6 * dim * 4  # blocks of a few kept rows
     chunked.MIN_TILE_COLS = 8
     try:
         stats = assert_parity(

@@ -75,7 +75,7 @@ def forward_tile(p: LossProblem, n_rows: int) -> tuple[int, int]:
     """
     elems = max(1, FORWARD_BUDGET_BYTES // (2 * p.compute_dtype.itemsize))
     n_vocab, dim = p.weight.shape
-    # Columns also bounded by elems // dim: a slice of W is converted to the compute dtype per tile.
+    # Columns also bounded by elems // dim: the tile's slice of W, which oneDNN packs per product.
     cols = _cols(n_vocab, min(elems // max(n_rows, 1), elems // dim))
     return _even(n_rows, elems // cols), cols
 
@@ -178,7 +178,9 @@ def _forward(p: LossProblem) -> tuple[Tensor, Tensor]:
             z = _capped(p, _linear(h, w[cols], None if b is None else b[cols]))
             z_target[hit] = z[hit, col]
             log_probs = torch.log_softmax(z, dim=1, out=scratch[: z.numel()].view_as(z))
-            lse_rows = torch.logaddexp(lse_rows, z.amax(1) - log_probs.amax(1))
+            z_max = z.amax(1)  # -inf where a bias masks every column of the tile (log_softmax is NaN)
+            tile_lse = torch.where(z_max == float("-inf"), z_max, z_max - log_probs.amax(1))
+            lse_rows = torch.logaddexp(lse_rows, tile_lse)
             del z, log_probs
         rows = pos if contiguous else idx[pos]
         lse[rows] = lse_rows
