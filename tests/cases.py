@@ -146,10 +146,15 @@ def assert_parity(case: Case, backend: str, dtype: torch.dtype, **options) -> rh
         assert ours.shape == truth.shape, f"{name}: shape {tuple(ours.shape)} != {tuple(truth.shape)}"
         assert torch.isfinite(ours).all(), f"{name} has NaN or inf"
         scale = truth.abs().max().item() if truth.numel() else 0.0
-        budget = max_err(pt, truth) + EXTRA_TOL[dtype] * max(scale, 1e-3)
+        # PyTorch in this dtype two ways (the user's 3-D matmul, and the reference backend's flat
+        # one, fp32 logits): which GEMM rounding lands nearer the truth varies, hold us to the further.
+        budget = max(max_err(pt, truth), max_err(ref, truth)) + EXTRA_TOL[dtype] * max(scale, 1e-3)
         err = max_err(ours, truth)
         assert err <= budget, f"{name}: error {err:.3g} vs fp64 truth exceeds PyTorch {dtype}'s {budget:.3g}"
-        # Same inputs, both accumulating in fp32: at most one rounding of the output apart.
+        # Same inputs, both accumulating in fp32: at most one rounding of the output apart, unless
+        # nearer the truth than the reference (tiny gradients that are sums of cancelling terms
+        # carry the roundings of the terms, which can exceed one of the output).
         eps = torch.finfo(dtype).eps if dtype != torch.float32 else 1e-5
-        assert max_err(ours, ref) <= 2 * eps * max(scale, 1e-3), f"{name}: differs from the reference backend"
+        near_ref = max_err(ours, ref) <= 2 * eps * max(scale, 1e-3)
+        assert near_ref or err <= max_err(ref, truth), f"{name}: differs from the reference backend"
     return stats

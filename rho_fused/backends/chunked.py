@@ -1,9 +1,10 @@
 """Pure-PyTorch backend that never holds more than one tile of logits.
 
 Forward: valid tokens in blocks of rows, the vocabulary in blocks of columns; each tile's
-``logsumexp`` is merged into a running one per row and the tile is dropped, giving ``lse`` and
-``ce``. Selection over the per-token excess (O(N) memory). Backward: only the kept rows, gathered
-once per block, recomputing each tile of their logits once, with ``lse`` from the forward,
+``logsumexp`` is merged into a running one per row and the tile is dropped, giving ``ce``, each
+row's largest logit ``m`` and ``s = lse - m``. Selection over the per-token excess (O(N) memory).
+Backward: only the kept rows, gathered once per block, recomputing each tile of their logits once,
+with ``m`` and ``s`` from the forward,
 
     d z_i = g_i * (softmax(z_i) - onehot(t_i))            (times 1 - tanh^2 under a softcap)
     d hidden_i = d z_i @ W,   d W = sum_i d z_i^T hidden_i,   d bias = sum_i d z_i
@@ -19,8 +20,8 @@ How it stays near the matmul floor ``(2 + 6 r) N D V`` (measurements in ``bench/
   backward's budget is the smaller: it runs while the gradients (``V x D``) are held too.
 - On CPU in fp32, products go through oneDNN where this torch has it; it runs these shapes at
   about twice the rate of MKL's ``torch.mm`` on AVX-512 machines.
-- Backward tiles are ``[cols, rows]``, so ``-lse`` of each row is the product's bias and one
-  in-place ``exp_`` gives the softmax; a ``g`` common to all tokens scales the products' outputs,
+- Backward tiles are ``[cols, rows]``, so ``-m`` of each row is the product's bias and
+  ``exp_((z - m) - s)`` in place gives the softmax; a ``g`` common to all tokens scales the products' outputs,
   never the tile (per-token ``g``, for reduction "none", costs one pass over each tile).
 - Rows are views of ``hidden`` when every token is valid; otherwise one gather per block of rows.
   When one block holds every kept row, the backward gathers them into ``d hidden``'s storage,
@@ -153,17 +154,19 @@ def _col_blocks(t: Tensor, n_vocab: int, step: int) -> Iterator[tuple[slice, Ten
         yield slice(start, min(start + step, n_vocab)), order[lo:hi], sorted_t[lo:hi] - start
 
 
-def _forward(p: LossProblem) -> tuple[Tensor, Tensor]:
-    """``(ce, lse)`` per token in the compute dtype, 0 at ignored tokens, which cost nothing.
+def _forward(p: LossProblem) -> tuple[Tensor, Tensor, Tensor]:
+    """``(ce, m, s)`` per token in the compute dtype, 0 at ignored tokens, which cost nothing.
 
-    Per ``[rows, cols]`` tile, ``log_softmax`` into the second buffer gives the tile's
-    logsumexp, ``max z - max log_softmax(z)`` (both at the largest logit, where ``log_softmax`` is
-    nearest 0 and loses least), merged across tiles with ``logaddexp``.
+    ``m`` is the largest logit of each row and ``s = logsumexp(z) - m``: the backward forms the
+    softmax as ``exp((z - m) - s)``, as PyTorch's ``log_softmax`` does, each subtraction exact or
+    small, where ``exp(z - lse)`` would lose an ulp of ``lse``. Per ``[rows, cols]`` tile,
+    ``log_softmax`` into the second buffer gives the tile's logsumexp, ``max z - max log_softmax(z)``
+    (both at the largest logit, where ``log_softmax`` is nearest 0), merged across tiles in fp64.
     """
     dtype = p.compute_dtype
     n, n_vocab = p.targets.shape[0], p.weight.shape[0]
     ce = torch.zeros(n, dtype=dtype, device=p.hidden.device)
-    lse = torch.zeros_like(ce)
+    m, s = torch.zeros_like(ce), torch.zeros_like(ce)
     w, b = _head(p)
     valid = p.valid
     contiguous = bool(valid.all())
@@ -172,20 +175,23 @@ def _forward(p: LossProblem) -> tuple[Tensor, Tensor]:
     scratch = torch.empty(min(step, idx.shape[0]) * width, dtype=dtype, device=p.hidden.device)
     for pos, h, t in _row_blocks(p, idx, contiguous, step):
         h = h.to(dtype)
-        lse_rows = torch.full((h.shape[0],), float("-inf"), dtype=dtype, device=h.device)
-        z_target = torch.zeros_like(lse_rows)
+        lse_rows = torch.full((h.shape[0],), float("-inf"), dtype=torch.float64, device=h.device)
+        m_rows = torch.full_like(lse_rows, float("-inf"), dtype=dtype)
+        z_target = torch.zeros_like(m_rows)
         for cols, hit, col in _col_blocks(t, n_vocab, width):
             z = _capped(p, _linear(h, w[cols], None if b is None else b[cols]))
             z_target[hit] = z[hit, col]
             log_probs = torch.log_softmax(z, dim=1, out=scratch[: z.numel()].view_as(z))
             z_max = z.amax(1)  # -inf where a bias masks every column of the tile (log_softmax is NaN)
-            tile_lse = torch.where(z_max == float("-inf"), z_max, z_max - log_probs.amax(1))
+            tile_lse = torch.where(z_max == float("-inf"), z_max, z_max - log_probs.amax(1)).double()
             lse_rows = torch.logaddexp(lse_rows, tile_lse)
+            m_rows = torch.maximum(m_rows, z_max)
             del z, log_probs
         rows = pos if contiguous else idx[pos]
-        lse[rows] = lse_rows
-        ce[rows] = lse_rows - z_target
-    return ce, lse
+        m[rows] = m_rows
+        s[rows] = (lse_rows - m_rows).to(dtype)
+        ce[rows] = (lse_rows - z_target).to(dtype)
+    return ce, m, s
 
 
 class _Grads:
@@ -251,11 +257,12 @@ class _Grads:
         )
 
 
-def _backward(p: LossProblem, lse: Tensor, kept_idx: Tensor, g: Tensor, grads: _Grads) -> None:
+def _backward(p: LossProblem, m: Tensor, s: Tensor, kept_idx: Tensor, g: Tensor, grads: _Grads) -> None:
     """Gradients of ``sum_i g_i * ce_i`` over the kept rows ``kept_idx`` (``g`` aligned with them).
 
-    Tiles are ``[cols, rows]``: ``W_c @ h^T`` takes ``-lse_i`` as the bias of column ``i``, so
-    that one ``exp_`` gives the softmax; with a bias or a softcap, which come first, two passes.
+    Tiles are ``[cols, rows]``: ``W_c @ h^T`` takes ``-m_i`` (the row's largest logit, from the
+    forward) as the bias of column ``i``; then ``exp((z - m) - s)`` in place gives the softmax.
+    With a bias or a softcap, which come first, ``- m`` is a pass of its own.
     """
     dtype = p.compute_dtype
     w, b = grads.w, grads.b
@@ -268,18 +275,19 @@ def _backward(p: LossProblem, lse: Tensor, kept_idx: Tensor, g: Tensor, grads: _
     step, width = backward_tile(p, n_kept, 2 if grads.rows_in_dh else 3)
     for pos, h, t in _row_blocks(p, kept_idx, False, step, out=grads.dh if grads.rows_in_dh else None):
         h = h.to(dtype)
-        neg_lse, g_rows = -lse[kept_idx[pos]], g[pos]
+        rows = kept_idx[pos]
+        neg_m, s_rows, g_rows = -m[rows], s[rows], g[pos]
         grads.start_rows(h, scale)
         for cols, hit, col in _col_blocks(t, w.shape[0], width):
             if b is None and p.softcap is None:
                 z_t = None
-                dz_t = _linear(w[cols], h, neg_lse).exp_()  # softmax^T
+                dz_t = _linear(w[cols], h, neg_m).sub_(s_rows).exp_()  # softmax^T
             else:
                 z_t = _linear(w[cols], h)
                 if b is not None:
                     z_t.add_(b[cols, None])
                 z_t = _capped(p, z_t)
-                dz_t = torch.add(z_t, neg_lse).exp_()
+                dz_t = torch.add(z_t, neg_m).sub_(s_rows).exp_()
             dz_t[col, hit] -= 1.0
             if not common:
                 dz_t.mul_(g_rows)
@@ -287,27 +295,27 @@ def _backward(p: LossProblem, lse: Tensor, kept_idx: Tensor, g: Tensor, grads: _
                 dz_t.mul_(z_t.div_(p.softcap).square_().neg_().add_(1.0))
             grads.add(dz_t, cols)
             del z_t, dz_t
-        grads.end_rows(kept_idx[pos])
+        grads.end_rows(rows)
 
 
 class _SelectiveLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, p: LossProblem):  # type: ignore[override]
-        ce, lse = _forward(p)
+        ce, m, s = _forward(p)
         valid = p.valid
         excess = ce if p.ref_loss is None else torch.where(valid, ce - p.ref_loss, torch.zeros_like(ce))
         kept, threshold, n_kept, n_valid = select(p, excess, valid)
         loss = reduce_loss(p, torch.where(kept, ce, torch.zeros_like(ce)), n_kept)
 
         ctx.problem = replace(p, hidden=None, weight=None, bias=None)
-        ctx.save_for_backward(hidden, weight, bias, lse, kept.nonzero().squeeze(1), n_kept.sum())
+        ctx.save_for_backward(hidden, weight, bias, m, s, kept.nonzero().squeeze(1), n_kept.sum())
         ctx.mark_non_differentiable(ce, excess, kept, threshold, n_kept, n_valid)
         return loss, ce, excess, kept, threshold, n_kept, n_valid
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_loss: Tensor, *_unused: Tensor):  # type: ignore[override]
-        hidden, weight, bias, lse, kept_idx, total_kept = ctx.saved_tensors
+        hidden, weight, bias, m, s, kept_idx, total_kept = ctx.saved_tensors
         p = replace(ctx.problem, hidden=hidden, weight=weight, bias=bias)
         grad_loss = grad_loss.to(p.compute_dtype)
         if p.reduction == "none":
@@ -317,7 +325,7 @@ class _SelectiveLoss(torch.autograd.Function):
         else:
             g = (grad_loss / total_kept.clamp(min=1)).expand(kept_idx.shape[0])
         grads = _Grads(p, *_head(p), ctx.needs_input_grad)
-        _backward(p, lse, kept_idx, g, grads)
+        _backward(p, m, s, kept_idx, g, grads)
         return (*grads.result(), None)
 
 
