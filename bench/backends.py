@@ -18,26 +18,19 @@ import sys
 
 import torch
 from measure import CHILD_ENV, step_peak_growth, timed
+from methods import Inputs
 
 import rho_fused
 
 BACKENDS = ("reference", "chunked")
 
 
-def make_inputs(args: argparse.Namespace) -> tuple[torch.Tensor, ...]:
-    g = torch.Generator().manual_seed(0)
-    hidden = torch.randn(args.tokens, args.dim, generator=g).requires_grad_()
-    weight = (torch.randn(args.vocab, args.dim, generator=g) / args.dim**0.5).requires_grad_()
-    targets = torch.randint(0, args.vocab, (args.tokens,), generator=g)
-    ref_loss = torch.rand(args.tokens, generator=g) * 10
-    return hidden, weight, targets, ref_loss
-
-
-def step(backend: str, hidden, weight, targets, ref_loss, keep: float) -> None:
+def step(backend: str, x: Inputs) -> None:
     """One forward+backward; the gradients are dropped afterwards (their peak is counted)."""
-    loss = rho_fused.fused_selective_loss(hidden, weight, targets, ref_loss, keep_ratio=keep, backend=backend)
-    loss.backward()
-    hidden.grad = weight.grad = None
+    rho_fused.fused_selective_loss(
+        x.hidden, x.weight, x.targets, x.ref_loss, keep_ratio=x.keep_ratio, backend=backend
+    ).backward()
+    x.zero_grad()
 
 
 def main() -> None:
@@ -49,17 +42,17 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--memory-of", choices=BACKENDS, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    inputs = make_inputs(args)
+    x = Inputs.make(args.tokens, args.dim, args.vocab, args.keep)
     if args.memory_of:
-        print(json.dumps(step_peak_growth(lambda: step(args.memory_of, *inputs, args.keep), lambda: None, "cpu")))
+        print(json.dumps(step_peak_growth(lambda: step(args.memory_of, x), x.zero_grad, "cpu")))
         return
 
     times: dict[str, list[float]] = {b: [] for b in BACKENDS}
     for b in BACKENDS:
-        step(b, *inputs, args.keep)  # warm-up
+        step(b, x)  # warm-up
     for _ in range(args.reps):
         for b in BACKENDS:
-            times[b].append(timed(lambda b=b: step(b, *inputs, args.keep), "cpu"))
+            times[b].append(timed(lambda b=b: step(b, x), "cpu"))
     child = [sys.executable, __file__, *sys.argv[1:], "--memory-of"]
     env = {**os.environ, **CHILD_ENV}
     memory = {b: json.loads(subprocess.check_output([*child, b], text=True, env=env)) for b in BACKENDS}

@@ -258,7 +258,8 @@ class _Grads:
 
 
 def _backward(p: LossProblem, m: Tensor, s: Tensor, kept_idx: Tensor, g: Tensor, grads: _Grads) -> None:
-    """Gradients of ``sum_i g_i * ce_i`` over the kept rows ``kept_idx`` (``g`` aligned with them).
+    """Gradients of ``sum_i g_i * ce_i`` over the kept rows ``kept_idx``: ``g`` aligned with them
+    (reduction "none"), or one value ``[1]`` common to all (reductions "mean", "sum").
 
     Tiles are ``[cols, rows]``: ``W_c @ h^T`` takes ``-m_i`` (the row's largest logit, from the
     forward) as the bias of column ``i``; then ``exp((z - m) - s)`` in place gives the softmax.
@@ -267,16 +268,18 @@ def _backward(p: LossProblem, m: Tensor, s: Tensor, kept_idx: Tensor, g: Tensor,
     dtype = p.compute_dtype
     w, b = grads.w, grads.b
     n_kept = kept_idx.shape[0]
-    common = g.stride(0) == 0  # an expanded scalar: the same g for every token
-    scale = g[:1] if common else g.new_ones(1)
+    common = p.reduction != "none"
+    scale = g if common else g.new_ones(1)
     # When one block holds every kept row, d hidden's storage can hold the gathered rows until
     # d hidden is written: one [rows, D] buffer fewer in the budget.
-    grads.rows_in_dh = grads.dh is not None and grads.dh.dtype == dtype and backward_tile(p, n_kept, 2)[0] == n_kept
-    step, width = backward_tile(p, n_kept, 2 if grads.rows_in_dh else 3)
+    step, width = backward_tile(p, n_kept, 2)
+    grads.rows_in_dh = grads.dh is not None and grads.dh.dtype == dtype and step == n_kept
+    if not grads.rows_in_dh:
+        step, width = backward_tile(p, n_kept, 3)
     for pos, h, t in _row_blocks(p, kept_idx, False, step, out=grads.dh if grads.rows_in_dh else None):
         h = h.to(dtype)
         rows = kept_idx[pos]
-        neg_m, s_rows, g_rows = -m[rows], s[rows], g[pos]
+        neg_m, s_rows = -m[rows], s[rows]
         grads.start_rows(h, scale)
         for cols, hit, col in _col_blocks(t, w.shape[0], width):
             if b is None and p.softcap is None:
@@ -290,7 +293,7 @@ def _backward(p: LossProblem, m: Tensor, s: Tensor, kept_idx: Tensor, g: Tensor,
                 dz_t = torch.add(z_t, neg_m).sub_(s_rows).exp_()
             dz_t[col, hit] -= 1.0
             if not common:
-                dz_t.mul_(g_rows)
+                dz_t.mul_(g[pos])
             if z_t is not None and p.softcap is not None:  # d cap(u) / du = 1 - tanh^2, tanh = z / c
                 dz_t.mul_(z_t.div_(p.softcap).square_().neg_().add_(1.0))
             grads.add(dz_t, cols)
@@ -321,9 +324,9 @@ class _SelectiveLoss(torch.autograd.Function):
         if p.reduction == "none":
             g = grad_loss.reshape(-1)[kept_idx]
         elif p.reduction == "sum":
-            g = grad_loss.expand(kept_idx.shape[0])
+            g = grad_loss.reshape(1)
         else:
-            g = (grad_loss / total_kept.clamp(min=1)).expand(kept_idx.shape[0])
+            g = (grad_loss / total_kept.clamp(min=1)).reshape(1)
         grads = _Grads(p, *_head(p), ctx.needs_input_grad)
         _backward(p, m, s, kept_idx, g, grads)
         return (*grads.result(), None)
