@@ -48,11 +48,7 @@ def distributed_from_env(device: str | None) -> Iterator[int]:
         torch.cuda.set_device(torch.device(device))
     dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     if dist.get_rank() != 0:  # one set of progress bars: rank 0's
-        import datasets
-        import transformers
-
-        datasets.disable_progress_bars()
-        transformers.utils.logging.disable_progress_bar()
+        _silence_library_bars()
     try:
         yield dist.get_rank()
         dist.barrier()  # leave together, once rank 0 has written everything: no rank tears down under another
@@ -235,17 +231,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _silence_library_bars() -> None:
+    """No progress bars from datasets and transformers in this process."""
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``rho-fused`` console script and of ``python -m rho_fused``."""
     args = build_parser().parse_args(argv)
     from .scoring import FingerprintMismatchError
 
     if args.no_progress:  # the libraries' own bars too (saving shards, writing datasets)
-        import datasets
-        import transformers
-
-        datasets.disable_progress_bars()
-        transformers.utils.logging.disable_progress_bar()
+        _silence_library_bars()
 
     try:
         if args.command == "demo":

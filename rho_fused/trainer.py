@@ -87,9 +87,12 @@ class SelectiveTrainer(Trainer):
         if scope not in ("batch", "sequence", "global"):
             raise ValueError(f"scope must be 'batch', 'sequence' or 'global', got scope={scope!r}")
 
-    def _global(self) -> bool:
-        """Whether selection spans several processes (``scope="global"`` with a process group of size > 1)."""
-        return self.scope == "global" and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+    def _loss_scope(self) -> str:
+        """The scope the loss runs with: ``"global"`` only over a process group of size > 1, else ``"batch"``."""
+        if self.scope != "global":
+            return self.scope
+        ranks = torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+        return "global" if ranks else "batch"
 
     def _set_signature_columns_if_needed(self) -> None:
         super()._set_signature_columns_if_needed()
@@ -106,7 +109,7 @@ class SelectiveTrainer(Trainer):
         ``n_keep`` is taken over the valid tokens of all ranks (one ``all_reduce``).
         """
         batch_samples, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
-        if self._global():
+        if self._loss_scope() == "global":
             # n_keep of each micro-batch is over all ranks: all-reduce the valid counts (one call, every
             # rank has the same number of micro-batches) and add up the ceil of each.
             valid = torch.tensor([int((b["labels"][..., 1:] != -100).sum()) for b in batch_samples], dtype=torch.int64)
@@ -116,7 +119,7 @@ class SelectiveTrainer(Trainer):
             return batch_samples, torch.tensor(kept, device=device)
         if num_items is None or not batch_samples or self.keep_ratio >= 1.0:
             return batch_samples, num_items
-        scope = "batch" if self.scope == "global" else self.scope  # global over one process
+        scope = self._loss_scope()
         kept = sum(kept_count(b["labels"], self.keep_ratio, scope=scope) for b in batch_samples)
         if self.args.world_size <= 1 and self.args.n_gpu <= 1:
             return batch_samples, torch.tensor(kept, device=device)
@@ -149,8 +152,7 @@ class SelectiveTrainer(Trainer):
                 "launch one process per GPU with torchrun (DDP) instead"
             )
         normalise = model.training and self.average_over_accumulation and num_items_in_batch is not None
-        spans_ranks = self._global()  # scope "global" over several processes, in training and evaluation
-        scope = "global" if spans_ranks else ("batch" if self.scope == "global" else self.scope)
+        scope = self._loss_scope()  # in training and evaluation
 
         def loss_fn() -> torch.Tensor:
             return causal_lm_loss(
@@ -162,7 +164,7 @@ class SelectiveTrainer(Trainer):
         loss = run_as_forward(model, unwrapped, loss_fn)
         if normalise:
             loss = loss / torch.as_tensor(num_items_in_batch, device=loss.device, dtype=loss.dtype)
-        if spans_ranks:
+        if scope == "global":
             # each rank's loss is its share of the global loss: DDP averages the ranks' gradients (and the
             # Trainer their reported losses) where the global value is the sum
             loss = loss * torch.distributed.get_world_size()

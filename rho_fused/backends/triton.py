@@ -79,28 +79,24 @@ class _SelectiveLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, p: LossProblem):  # type: ignore[override]
         with _on_device(hidden):
-            return _SelectiveLoss._forward_on_device(ctx, hidden, weight, bias, p)
+            ce, lse, excess = _forward(p)
+            if p.scope == "global":
+                # Across ranks: the radix select of rho_fused.distributed, its histograms summed by
+                # all_reduce between passes (torch ops on the device, no host read-back).
+                kept, threshold, n_kept, n_valid = select_torch(p, excess, p.valid)
+            else:
+                kept, threshold, n_kept, n_valid = select(
+                    excess, p.targets, p.groups, p.ignore_index, keep_fraction(p.keep_ratio)
+                )
+            n_kept, n_valid = n_kept.long(), n_valid.long()
+            loss = reduce_loss(p, torch.where(kept, ce, torch.zeros_like(ce)), n_kept)
+            kept_rows, kept_count = compact(kept)
 
-    @staticmethod
-    def _forward_on_device(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, p: LossProblem):
-        ce, lse, excess = _forward(p)
-        if p.scope == "global":
-            # Across ranks: the radix select of rho_fused.distributed, its histograms summed by
-            # all_reduce between passes (torch ops on the device, no host read-back).
-            kept, threshold, n_kept, n_valid = select_torch(p, excess, p.valid)
-        else:
-            kept, threshold, n_kept, n_valid = select(
-                excess, p.targets, p.groups, p.ignore_index, keep_fraction(p.keep_ratio)
-            )
-        n_kept, n_valid = n_kept.long(), n_valid.long()
-        loss = reduce_loss(p, torch.where(kept, ce, torch.zeros_like(ce)), n_kept)
-        kept_rows, kept_count = compact(kept)
-
-        ctx.problem = replace(p, hidden=None, weight=None, bias=None, group=None)
-        # "mean" divides by the total kept count of every group (over all ranks for scope="global")
-        ctx.save_for_backward(hidden, weight, bias, lse, kept_rows, kept_count, n_kept.sum())
-        ctx.mark_non_differentiable(ce, excess, kept, threshold, n_kept, n_valid)
-        return loss, ce, excess, kept, threshold, n_kept, n_valid
+            ctx.problem = replace(p, hidden=None, weight=None, bias=None, group=None)
+            # "mean" divides by the total kept count of every group (over all ranks for scope="global")
+            ctx.save_for_backward(hidden, weight, bias, lse, kept_rows, kept_count, n_kept.sum())
+            ctx.mark_non_differentiable(ce, excess, kept, threshold, n_kept, n_valid)
+            return loss, ce, excess, kept, threshold, n_kept, n_valid
 
     @staticmethod
     @once_differentiable
