@@ -1,8 +1,10 @@
-"""Test-session set-up: Triton kernels run under the interpreter, on CPU tensors.
+"""Test-session set-up: where the Triton kernels run, chosen by the hardware.
 
-``TRITON_INTERPRET=1`` must be set before triton is first imported, which is why it happens here,
-at collection time. The compiled GPU path is never touched: the compile report test runs
-``python -m rho_fused.kernels.report`` in a subprocess without the variable.
+On a machine with a CUDA device the triton tests run the compiled kernels on it (``KERNEL_DEVICE``
+is ``"cuda"``). Without one they run under Triton's interpreter on CPU tensors: ``TRITON_INTERPRET=1``
+must be set before triton is first imported, which is why it happens here, at collection time,
+and the interpreter's known traps are corrected below. Setting ``TRITON_INTERPRET=1`` by hand
+forces the interpreter on a GPU machine too.
 """
 
 from __future__ import annotations
@@ -11,15 +13,20 @@ import os
 import sys
 
 import pytest
+import torch
 
-os.environ["TRITON_INTERPRET"] = "1"
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1" or not torch.cuda.is_available()
+if INTERPRET:
+    os.environ["TRITON_INTERPRET"] = "1"
+# The device of the tensors the triton tests hand to the kernels.
+KERNEL_DEVICE = "cpu" if INTERPRET else "cuda"
 sys.path.insert(0, os.path.dirname(__file__))  # `from cases import ...` wherever pytest starts
 
 
 def _patch_interpreter_dot() -> None:
     """Give the interpreter's ``tl.dot`` fp32 copies of 16-bit operands.
 
-    Known trap (triton 3.9, see DESIGN.md): the interpreter stores bf16 as raw uint16 and its dot
+    Known trap (triton 3.9): the interpreter stores bf16 as raw uint16 and its dot
     multiplies those bits, and fp16 dots come out wrong too. On a GPU the tensor cores take 16-bit
     operands exactly and accumulate in fp32, which is what an fp32 product of the same values
     computes; so the kernels keep their 16-bit operands and only the interpreter is corrected.
@@ -81,8 +88,15 @@ def _patch_interpreter_bf16_rounding() -> None:
     builder.cast_impl = cast_impl
 
 
-_patch_interpreter_dot()
-_patch_interpreter_bf16_rounding()
+if INTERPRET:
+    _patch_interpreter_dot()
+    _patch_interpreter_bf16_rounding()
+
+
+@pytest.fixture
+def kernel_device() -> str:
+    """``"cuda"`` where the compiled kernels run, ``"cpu"`` under the interpreter."""
+    return KERNEL_DEVICE
 
 
 @pytest.fixture
