@@ -21,6 +21,12 @@ from torch import Tensor
 TASKS = ("slm", "ce")
 
 
+# Standard deviation of the benchmark's logits. A trained LM head's logits spread about this much;
+# ``N(0, 1)`` logits give a near-flat softmax, unlike training, and flatter peers that skip blocks of
+# near-zero gradient (CCE's filtering).
+LOGIT_STD = 3.0
+
+
 @dataclass
 class Inputs:
     """One benchmark shape's tensors: ``hidden [N, D]`` and ``weight [V, D]`` require grad."""
@@ -32,14 +38,30 @@ class Inputs:
     keep_ratio: float
 
     @classmethod
-    def make(cls, n: int, d: int, v: int, keep_ratio: float = 0.6, device: str = "cpu", seed: int = 0) -> Inputs:
-        """Random inputs whose logits are ~N(0, 1) and whose reference loss is near ``log V``."""
-        g = torch.Generator(device="cpu").manual_seed(seed)
-        hidden = torch.randn(n, d, generator=g).to(device).requires_grad_()
-        weight = (torch.randn(v, d, generator=g) / math.sqrt(d)).to(device).requires_grad_()
-        targets = torch.randint(0, v, (n,), generator=g).to(device)
-        ref_loss = (math.log(v) + 0.5 * torch.randn(n, generator=g)).to(device)
-        return cls(hidden, weight, targets, ref_loss, keep_ratio)
+    def make(
+        cls,
+        n: int,
+        d: int,
+        v: int,
+        keep_ratio: float = 0.6,
+        device: str = "cpu",
+        seed: int = 0,
+        dtype: torch.dtype = torch.float32,
+    ) -> Inputs:
+        """Random inputs whose logits ``z = hidden @ weight.T`` have standard deviation `LOGIT_STD`.
+
+        ``hidden ~ N(0, 1)`` and ``weight ~ N(0, LOGIT_STD^2 / D)`` give ``z ~ N(0, LOGIT_STD^2)``.
+        The cross-entropy of such logits is about ``log V + LOGIT_STD^2 / 2`` (the log of
+        ``V * E[exp z]``), so the reference loss is drawn around that value, with spread 0.5: the
+        excess loss then has both signs. Drawn on ``device`` (fast on a GPU), then cast to ``dtype``.
+        """
+        g = torch.Generator(device=device).manual_seed(seed)
+        hidden = torch.randn(n, d, generator=g, device=device).to(dtype).requires_grad_()
+        weight = (torch.randn(v, d, generator=g, device=device) * (LOGIT_STD / math.sqrt(d))).to(dtype)
+        targets = torch.randint(0, v, (n,), generator=g, device=device)
+        center = math.log(v) + LOGIT_STD**2 / 2
+        ref_loss = center + 0.5 * torch.randn(n, generator=g, device=device)
+        return cls(hidden, weight.requires_grad_(), targets, ref_loss, keep_ratio)
 
     def zero_grad(self) -> None:
         """Drop the gradients so that each step allocates its own, as after ``zero_grad()``."""
@@ -70,8 +92,12 @@ TORCH_LCE_CHUNK_ROWS = 512
 
 
 def torch_lce(x: Inputs, task: str) -> Tensor:
-    """``torch.nn.functional.linear_cross_entropy``, chunked path, ``TORCH_LCE_CHUNK_ROWS`` rows per chunk."""
-    options = torch.nn.LinearCrossEntropyOptions(chunking_method=None, batch_chunk_size=TORCH_LCE_CHUNK_ROWS)
+    """``torch.nn.functional.linear_cross_entropy``, chunked path: ``TORCH_LCE_CHUNK_ROWS`` rows per chunk
+    on CPU, torch's own default chunking on CUDA."""
+    if x.hidden.is_cuda:
+        options = torch.nn.LinearCrossEntropyOptions()
+    else:
+        options = torch.nn.LinearCrossEntropyOptions(chunking_method=None, batch_chunk_size=TORCH_LCE_CHUNK_ROWS)
     if task == "ce":
         return F.linear_cross_entropy(x.hidden, x.weight, x.targets, options=options)
     return top_k_mean(F.linear_cross_entropy(x.hidden, x.weight, x.targets, reduction="none", options=options), x)
@@ -85,6 +111,15 @@ def cut_cross_entropy(x: Inputs, task: str) -> Tensor:
     if task == "ce":
         return linear_cross_entropy(x.hidden, x.weight, x.targets, impl=impl)
     return top_k_mean(linear_cross_entropy(x.hidden, x.weight, x.targets, impl=impl, reduction="none"), x)
+
+
+def cut_cross_entropy_exact(x: Inputs, task: str) -> Tensor:
+    """apple/ml-cross-entropy with ``impl="cce_exact"`` (CUDA): no gradient filtering, fp32 accumulation."""
+    from cut_cross_entropy import linear_cross_entropy
+
+    if task == "ce":
+        return linear_cross_entropy(x.hidden, x.weight, x.targets, impl="cce_exact")
+    return top_k_mean(linear_cross_entropy(x.hidden, x.weight, x.targets, impl="cce_exact", reduction="none"), x)
 
 
 def liger(x: Inputs, task: str) -> Tensor:
@@ -115,6 +150,7 @@ METHODS: dict[str, Callable[[Inputs, str], Tensor]] = {
     "naive": naive,
     "torch_lce": torch_lce,
     "cce": cut_cross_entropy,
+    "cce_exact": cut_cross_entropy_exact,
     "liger": liger,
     "rho_fused": rho_fused,
 }
@@ -126,7 +162,7 @@ def available(device: str) -> list[str]:
     if hasattr(F, "linear_cross_entropy") and hasattr(torch.nn, "LinearCrossEntropyOptions"):
         names.append("torch_lce")
     if importlib.util.find_spec("cut_cross_entropy") is not None:
-        names.append("cce")
+        names += ["cce", "cce_exact"] if device == "cuda" else ["cce"]
     if device == "cuda" and importlib.util.find_spec("liger_kernel") is not None:
         names.append("liger")
     names.append("rho_fused")
