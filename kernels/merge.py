@@ -76,11 +76,12 @@ def merge(
     """``(lse, ce, excess)``, fp32 ``[N]``, 0 at ignored rows; ``ref_loss`` fp32 ``[N]`` or None."""
     cfg = config or DEFAULT_CONFIG
     splits, n = part_m.shape
-    out = torch.empty(3, n, dtype=torch.float32, device=part_m.device)
+    # three tensors, not views of one: they leave a custom operator, whose outputs may not alias
+    lse, ce, excess = (torch.empty(n, dtype=torch.float32, device=part_m.device) for _ in range(3))
     if n > 0:
         merge_kernel[(triton.cdiv(n, cfg.block),)](
-            part_m, part_s, part_t, targets, out[0] if ref_loss is None else ref_loss,
-            out[0], out[1], out[2], n, splits, ignore_index,
+            part_m, part_s, part_t, targets, lse if ref_loss is None else ref_loss,
+            lse, ce, excess, n, splits, ignore_index,
             HAS_REF=ref_loss is not None, BLOCK=cfg.block, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )  # fmt: skip
-    return out[0], out[1], out[2]
+    return lse, ce, excess

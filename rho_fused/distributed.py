@@ -64,8 +64,9 @@ def global_select(
         # at_least[d] = candidates whose digit is >= d; the threshold's digit is the largest d
         # with at_least[d] >= remaining, and the candidates above it are all kept.
         at_least = hist.flip(0).cumsum(0).flip(0)
-        d = (at_least >= remaining).sum() - 1
-        remaining -= at_least[d] - hist[d]
+        d = (at_least >= remaining).sum().reshape(1) - 1
+        # gather, not at_least[d]: indexing by a tensor reads the index back to the host
+        remaining -= at_least.gather(0, d) - hist.gather(0, d)
         candidates &= digit == d
         threshold |= d << shift
 

@@ -18,9 +18,11 @@ REDUCTIONS = ("mean", "sum", "none")
 SCOPES = ("batch", "sequence", "global")
 
 # The value checks of `check_values` read tensors back to the host: one synchronisation per call.
-# Set to False to skip them; they are skipped anyway while a CUDA graph is captured or
-# torch.compile traces, where a host read is not allowed.
+# The backends run them first thing, inside their operators, so they run under torch.compile too.
+# They are skipped while a CUDA graph is captured, where a host read is not allowed; set this to
+# False to skip them everywhere (the no-synchronisation tests do).
 CHECK_VALUES = True
+AUTOCAST_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _check_tensor(name: str, value: object) -> Tensor:
@@ -47,6 +49,9 @@ def make_problem(
     hidden = _check_tensor("hidden", hidden)
     weight = _check_tensor("weight", weight)
     targets = _check_tensor("targets", targets)
+    if bias is not None:
+        bias = _check_tensor("bias", bias)
+    hidden, weight, bias = autocast_inputs(hidden, weight, bias)
 
     if hidden.dtype not in FLOAT_DTYPES:
         raise TypeError(f"hidden must be float32, bfloat16, float16 or float64, got {hidden.dtype}")
@@ -62,7 +67,6 @@ def make_problem(
     if vocab == 0:
         raise ValueError("weight must have at least one row (vocabulary size V >= 1), got V = 0")
     if bias is not None:
-        bias = _check_tensor("bias", bias)
         if tuple(bias.shape) != (vocab,):
             raise ValueError(f"bias must have shape [V] = ({vocab},), got {tuple(bias.shape)}")
         if bias.dtype != hidden.dtype:
@@ -113,8 +117,10 @@ def make_problem(
         hidden=hidden.reshape(n_tokens, hidden.shape[-1]).contiguous(),
         weight=weight.contiguous(),
         bias=None if bias is None else bias.contiguous(),
-        targets=targets.reshape(n_tokens).to(torch.int64),
-        ref_loss=None if ref_loss is None else ref_loss.reshape(n_tokens).to(compute),
+        # contiguous: the kernels index targets and ref_loss as flat arrays (a slice or an expanded
+        # view would be read wrong)
+        targets=targets.reshape(n_tokens).to(torch.int64).contiguous(),
+        ref_loss=None if ref_loss is None else ref_loss.reshape(n_tokens).to(compute).contiguous(),
         shape=targets.shape,
         scope=scope,
         groups=targets.shape[0] if scope == "sequence" else 1,
@@ -124,8 +130,25 @@ def make_problem(
         softcap=None if softcap is None else float(softcap),
         group=group,
     )
-    check_values(problem)
     return problem
+
+
+def autocast_inputs(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Under ``torch.autocast`` on the inputs' device, the LM head's inputs in the autocast dtype.
+
+    ``F.linear`` computes in the autocast dtype, so the loss does too: as on inputs cast to it
+    (fp64 is left as it is, as autocast leaves it). The casts are differentiable, so gradients come
+    back in the leaves' dtypes.
+    """
+    device = hidden.device.type
+    if device not in ("cpu", "cuda") or not torch.is_autocast_enabled(device):
+        return hidden, weight, bias
+    dtype = torch.get_autocast_dtype(device)
+
+    def cast(t: Tensor | None) -> Tensor | None:
+        return t.to(dtype) if t is not None and t.dtype in AUTOCAST_DTYPES else t
+
+    return cast(hidden), cast(weight), cast(bias)
 
 
 def check_values(p: LossProblem) -> None:
@@ -133,7 +156,7 @@ def check_values(p: LossProblem) -> None:
 
     These checks read tensor values, so they synchronise with the device; see `CHECK_VALUES`.
     """
-    if not CHECK_VALUES or torch.compiler.is_compiling():
+    if not CHECK_VALUES:
         return
     if p.hidden.is_cuda and torch.cuda.is_current_stream_capturing():
         return

@@ -11,6 +11,7 @@ from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
+from conftest import KERNEL_DEVICE
 from torch import Tensor
 
 import rho_fused
@@ -39,6 +40,17 @@ class Case:
             return None if t is None else t.detach().to(dtype).requires_grad_(True)
 
         return replace(self, hidden=cast(self.hidden), weight=cast(self.weight), bias=cast(self.bias))
+
+    def on(self, device: str) -> Case:
+        """The same values on ``device``, as fresh leaves."""
+
+        def move(t: Tensor | None, leaf: bool) -> Tensor | None:
+            return None if t is None else t.detach().to(device).requires_grad_(leaf)
+
+        return Case(
+            move(self.hidden, True), move(self.weight, True), move(self.bias, True), move(self.targets, False),
+            move(self.ref_loss, False), move(self.upstream, False),
+        )  # fmt: skip
 
 
 def make_case(
@@ -82,12 +94,20 @@ def make_case(
 
 
 def run(case: Case, backend: str, **options) -> tuple[Tensor, list[Tensor | None], rho_fused.SelectionStats]:
-    """Loss, gradients ``[d hidden, d weight, d bias]`` and stats of one backend on ``case``."""
+    """Loss, gradients ``[d hidden, d weight, d bias]`` and stats of one backend on ``case``, on the CPU.
+
+    The triton backend runs on ``KERNEL_DEVICE``: the GPU where there is one, else the interpreter.
+    """
+    device = KERNEL_DEVICE if backend == "triton" else case.hidden.device.type
+    on = case if device == case.hidden.device.type else case.on(device)
     loss, stats = rho_fused.fused_selective_loss(
-        case.hidden, case.weight, case.targets, case.ref_loss, bias=case.bias, backend=backend,
-        return_stats=True, **options,
-    )  # fmt: skip
-    return loss.detach(), _grads(case, loss, options.get("reduction", "mean")), stats
+        on.hidden, on.weight, on.targets, on.ref_loss, bias=on.bias, backend=backend, return_stats=True, **options
+    )
+    grads = _grads(on, loss, options.get("reduction", "mean"))
+    if on is case:
+        return loss.detach(), grads, stats
+    stats = rho_fused.SelectionStats(**{k: v.cpu() for k, v in vars(stats).items()})
+    return loss.detach().cpu(), [None if g is None else g.cpu() for g in grads], stats
 
 
 def naive_pytorch(case: Case, kept: Tensor, **options) -> tuple[Tensor, list[Tensor | None]]:

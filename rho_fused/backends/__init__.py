@@ -6,12 +6,19 @@ A backend module exposes ``selective_loss(p) -> (loss, SelectionStats)`` and
 
 from __future__ import annotations
 
-import importlib
 from types import ModuleType
 
 import torch
 
+from . import chunked, reference
+
+try:  # the kernels need triton, which some platforms lack: only backend="triton" needs it
+    from . import triton
+except ImportError as error:  # pragma: no cover - triton is installed wherever the tests run
+    triton, _TRITON_ERROR = None, error
+
 BACKENDS = ("reference", "chunked", "triton")
+_MODULES = {"reference": reference, "chunked": chunked, "triton": triton}
 
 
 def resolve(backend: str, device: torch.device) -> ModuleType:
@@ -20,4 +27,6 @@ def resolve(backend: str, device: torch.device) -> ModuleType:
         backend = "triton" if device.type == "cuda" else "chunked"
     if backend not in BACKENDS:
         raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
-    return importlib.import_module(f"{__name__}.{backend}")
+    if _MODULES[backend] is None:
+        raise ImportError(f"backend='triton' needs the triton package, which failed to import: {_TRITON_ERROR}")
+    return _MODULES[backend]

@@ -31,14 +31,13 @@ How it stays near the matmul floor ``(2 + 6 r) N D V`` (measurements in ``bench/
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import replace
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
-from ..problem import LossProblem, SelectionStats, make_stats, reduce_loss
+from ..problem import LossProblem, SelectionStats, reduce_loss
 from ..selection import select
+from .ops import define
 
 # Working memory of the forward: its two logits-sized buffers (the tile, and log-softmax's output).
 # The gradients do not exist yet, so this may be larger than the backward's.
@@ -301,44 +300,43 @@ def _backward(p: LossProblem, m: Tensor, s: Tensor, kept_idx: Tensor, g: Tensor,
         grads.end_rows(rows)
 
 
-class _SelectiveLoss(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, p: LossProblem):  # type: ignore[override]
-        ce, m, s = _forward(p)
-        valid = p.valid
-        excess = ce if p.ref_loss is None else torch.where(valid, ce - p.ref_loss, torch.zeros_like(ce))
-        kept, threshold, n_kept, n_valid = select(p, excess, valid)
-        loss = reduce_loss(p, torch.where(kept, ce, torch.zeros_like(ce)), n_kept)
+def loss_forward(p: LossProblem) -> tuple[Tensor, ...]:
+    """Steps 1 to 6: ``(loss, ce, excess, kept, threshold, n_kept, n_valid, aux)``, ``aux = [m; s]``."""
+    ce, m, s = _forward(p)
+    valid = p.valid
+    excess = ce.clone() if p.ref_loss is None else torch.where(valid, ce - p.ref_loss, torch.zeros_like(ce))
+    kept, threshold, n_kept, n_valid = select(p, excess, valid)
+    loss = reduce_loss(p, torch.where(kept, ce, torch.zeros_like(ce)), n_kept)
+    groups = (threshold.reshape(-1), n_kept.reshape(-1), n_valid.reshape(-1))
+    return loss, ce, excess, kept, *groups, torch.stack([m, s])
 
-        ctx.problem = replace(p, hidden=None, weight=None, bias=None)
-        ctx.save_for_backward(hidden, weight, bias, m, s, kept.nonzero().squeeze(1), n_kept.sum())
-        ctx.mark_non_differentiable(ce, excess, kept, threshold, n_kept, n_valid)
-        return loss, ce, excess, kept, threshold, n_kept, n_valid
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_loss: Tensor, *_unused: Tensor):  # type: ignore[override]
-        hidden, weight, bias, m, s, kept_idx, total_kept = ctx.saved_tensors
-        p = replace(ctx.problem, hidden=hidden, weight=weight, bias=bias)
-        grad_loss = grad_loss.to(p.compute_dtype)
-        if p.reduction == "none":
-            g = grad_loss.reshape(-1)[kept_idx]
-        elif p.reduction == "sum":
-            g = grad_loss.reshape(1)
-        else:
-            g = (grad_loss / total_kept.clamp(min=1)).reshape(1)
-        grads = _Grads(p, *_head(p), ctx.needs_input_grad)
-        _backward(p, m, s, kept_idx, g, grads)
-        return (*grads.result(), None)
+def loss_backward(
+    p: LossProblem, aux: Tensor, kept: Tensor, g: Tensor, needs: tuple[bool, bool, bool]
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """Step 7: the gradients of ``sum_i g_i ce_i`` over the kept rows, from the forward's ``aux = [m; s]``."""
+    kept_idx = kept.nonzero().squeeze(1)
+    if p.reduction == "none":
+        g = g[kept_idx]
+    grads = _Grads(p, *_head(p), needs)
+    _backward(p, aux[0], aux[1], kept_idx, g, grads)
+    return grads.result()
+
+
+_OPS = define(
+    "chunked",
+    loss_forward,
+    loss_backward,
+    lambda p: _forward(p)[0].float(),
+    lambda hidden: hidden.new_empty(2, hidden.shape[0], dtype=torch.promote_types(hidden.dtype, torch.float32)),
+)
 
 
 def selective_loss(p: LossProblem) -> tuple[Tensor, SelectionStats]:
     """The contract's loss; autograd runs the kept-rows-only backward."""
-    loss, ce, excess, kept, threshold, n_kept, n_valid = _SelectiveLoss.apply(p.hidden, p.weight, p.bias, p)
-    return loss, make_stats(p, ce, excess, kept, threshold, n_kept, n_valid)
+    return _OPS.selective_loss(p)
 
 
-@torch.no_grad()
 def token_losses(p: LossProblem) -> Tensor:
     """Per-token cross-entropy, fp32, 0 at ignored tokens; one tile of logits at a time."""
-    return _forward(p)[0].float()
+    return _OPS.token_losses(p)

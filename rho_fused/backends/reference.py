@@ -11,6 +11,7 @@ from torch import Tensor
 
 from ..problem import LossProblem, SelectionStats, make_stats, reduce_loss
 from ..selection import keep_count
+from ..validation import check_values
 
 
 def _logits(p: LossProblem) -> Tensor:
@@ -61,6 +62,12 @@ def _select_global(p: LossProblem, excess: Tensor, valid: Tensor) -> tuple[Tenso
 
 def selective_loss(p: LossProblem) -> tuple[Tensor, SelectionStats]:
     """Steps 1 to 7; gradients come from autograd through the kept tokens' ``ce`` (step 7)."""
+    check_values(p)
+    with torch.autocast(p.hidden.device.type, enabled=False):  # inputs are already in autocast's dtype
+        return _selective_loss(p)
+
+
+def _selective_loss(p: LossProblem) -> tuple[Tensor, SelectionStats]:
     ce = _cross_entropy(p)
     valid = p.valid
     excess = ce.detach() if p.ref_loss is None else ce.detach() - p.ref_loss
@@ -86,4 +93,6 @@ def selective_loss(p: LossProblem) -> tuple[Tensor, SelectionStats]:
 @torch.no_grad()
 def token_losses(p: LossProblem) -> Tensor:
     """Per-token cross-entropy, fp32, 0 at ignored tokens."""
-    return _cross_entropy(p).float()
+    check_values(p)
+    with torch.autocast(p.hidden.device.type, enabled=False):
+        return _cross_entropy(p).float()

@@ -2,16 +2,17 @@
 
 Forward: compact the valid rows (`rho_fused.kernels.compact`), the fused matmul + online
 logsumexp over vocabulary slices (`.forward`), the epilogue giving ``lse``, ``ce`` and
-``excess`` (`.merge`), the exact radix top-k per selection group (`.select`), and the compacted
-list of kept rows. Backward (`.backward`): over the kept rows only, a kernel recomputes each logits
+``excess`` (`.merge`), the exact radix top-k per selection group (`.select`). Backward: the
+compacted list of kept rows, then (`.backward`) over those only, a kernel recomputes each logits
 tile once and writes ``dz`` for a chunk of the vocabulary, and cuBLAS matmuls turn it into d hidden,
 d weight and d bias (deterministic: no atomics).
 
 Every size the launches depend on is a shape; counts (valid rows, ``n_keep``, kept rows) stay on
 the device, so forward and backward run under CUDA graphs. ``scope="global"`` selects with
 `rho_fused.distributed` (torch ops and one all_reduce per radix digit) instead of the select
-kernel. On CPU the kernels run under ``TRITON_INTERPRET=1`` (how the tests prove them). fp64
-inputs go to the chunked backend: the kernels accumulate in fp32, and the contract asks fp64.
+kernel. Forward and backward are custom operators (`rho_fused.backends.ops`). On CPU the kernels
+run under ``TRITON_INTERPRET=1`` (how the tests prove them). fp64 inputs go to the chunked
+backend: the kernels accumulate in fp32, and the contract asks fp64.
 
 Triton launches on the *current* CUDA device, not the tensors' device, so every launch here runs
 under ``torch.cuda.device(<the tensors' device>)`` (`_on_device`; a no-op on CPU).
@@ -21,11 +22,9 @@ from __future__ import annotations
 
 import contextlib
 import os
-from dataclasses import replace
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from rho_fused.kernels.backward import backward as launch_backward
 from rho_fused.kernels.compact import compact
@@ -33,10 +32,11 @@ from rho_fused.kernels.forward import forward as launch_forward
 from rho_fused.kernels.merge import merge
 from rho_fused.kernels.select import select
 
-from ..problem import LossProblem, SelectionStats, make_stats, reduce_loss
+from ..problem import LossProblem, SelectionStats, reduce_loss
 from ..selection import keep_count_int, keep_fraction
 from ..selection import select as select_torch
 from . import chunked
+from .ops import define
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -75,65 +75,54 @@ def _forward(p: LossProblem) -> tuple[Tensor, Tensor, Tensor]:
     return ce, lse, excess
 
 
-class _SelectiveLoss(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, p: LossProblem):  # type: ignore[override]
-        with _on_device(hidden):
-            ce, lse, excess = _forward(p)
-            if p.scope == "global":
-                # Across ranks: the radix select of rho_fused.distributed, its histograms summed by
-                # all_reduce between passes (torch ops on the device, no host read-back).
-                kept, threshold, n_kept, n_valid = select_torch(p, excess, p.valid)
-            else:
-                kept, threshold, n_kept, n_valid = select(
-                    excess, p.targets, p.groups, p.ignore_index, keep_fraction(p.keep_ratio)
-                )
-            n_kept, n_valid = n_kept.long(), n_valid.long()
-            loss = reduce_loss(p, torch.where(kept, ce, torch.zeros_like(ce)), n_kept)
-            kept_rows, kept_count = compact(kept)
-
-            ctx.problem = replace(p, hidden=None, weight=None, bias=None, group=None)
-            # "mean" divides by the total kept count of every group (over all ranks for scope="global")
-            ctx.save_for_backward(hidden, weight, bias, lse, kept_rows, kept_count, n_kept.sum())
-            ctx.mark_non_differentiable(ce, excess, kept, threshold, n_kept, n_valid)
-            return loss, ce, excess, kept, threshold, n_kept, n_valid
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_loss: Tensor, *_unused: Tensor):  # type: ignore[override]
-        hidden, weight, bias, lse, kept_rows, kept_count, n_keep_total = ctx.saved_tensors
-        p = ctx.problem
-        # g_i, the upstream gradient of token i's term: per token for "none", one value otherwise
-        # (divided by the total kept count for "mean"; the count stays on the device).
-        grad_loss = grad_loss.float()
-        if p.reduction == "none":
-            g = grad_loss.reshape(-1).contiguous()
-        elif p.reduction == "sum":
-            g = grad_loss.reshape(1)
+def loss_forward(p: LossProblem) -> tuple[Tensor, ...]:
+    """Steps 1 to 6: ``(loss, ce, excess, kept, threshold, n_kept, n_valid, aux)``, ``aux = lse``."""
+    _check_device(p)
+    with _on_device(p.hidden):
+        ce, lse, excess = _forward(p)
+        if p.scope == "global":
+            # Across ranks: the radix select of rho_fused.distributed, its histograms summed by
+            # all_reduce between passes (torch ops on the device, no host read-back).
+            kept, threshold, n_kept, n_valid = select_torch(p, excess, p.valid)
         else:
-            g = (grad_loss / n_keep_total.clamp(min=1)).reshape(1)
-        with _on_device(hidden):  # autograd already runs backward on this device; explicit and cheap
-            dh, dw, db = launch_backward(
-                hidden, weight, bias, p.targets, lse, g, kept_rows, kept_count, p.softcap,
-                ctx.needs_input_grad[:3], capacity=kept_capacity(p),
-            )  # fmt: skip
-        return dh, dw, db, None
+            kept, threshold, n_kept, n_valid = select(
+                excess, p.targets, p.groups, p.ignore_index, keep_fraction(p.keep_ratio)
+            )
+        n_kept, n_valid = n_kept.long().reshape(-1), n_valid.long().reshape(-1)
+        loss = reduce_loss(p, torch.where(kept, ce, torch.zeros_like(ce)), n_kept)
+    return loss, ce, excess, kept, threshold.reshape(-1), n_kept, n_valid, lse
+
+
+def loss_backward(
+    p: LossProblem, lse: Tensor, kept: Tensor, g: Tensor, needs: tuple[bool, bool, bool]
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """Step 7 over the kept rows, compacted again here (one small kernel) rather than saved."""
+    with _on_device(p.hidden):
+        kept_rows, kept_count = compact(kept)
+        return launch_backward(
+            p.hidden, p.weight, p.bias, p.targets, lse, g, kept_rows, kept_count, p.softcap, needs,
+            capacity=kept_capacity(p),
+        )  # fmt: skip
+
+
+def _token_losses(p: LossProblem) -> Tensor:
+    _check_device(p)
+    with _on_device(p.hidden):
+        return _forward(p)[0]
+
+
+_OPS = define("triton", loss_forward, loss_backward, _token_losses, lambda hidden: hidden.new_empty(hidden.shape[0]))
 
 
 def selective_loss(p: LossProblem) -> tuple[Tensor, SelectionStats]:
-    """The contract's loss; autograd runs the kept-rows-only backward kernel."""
+    """The contract's loss; autograd runs the kept-rows-only backward kernel. fp64 goes to `chunked`."""
     if p.hidden.dtype not in KERNEL_DTYPES:
         return chunked.selective_loss(p)
-    _check_device(p)
-    loss, ce, excess, kept, threshold, n_kept, n_valid = _SelectiveLoss.apply(p.hidden, p.weight, p.bias, p)
-    return loss, make_stats(p, ce, excess, kept, threshold, n_kept, n_valid)
+    return _OPS.selective_loss(p)
 
 
-@torch.no_grad()
 def token_losses(p: LossProblem) -> Tensor:
     """Per-token cross-entropy, fp32, 0 at ignored tokens: the forward kernels alone."""
     if p.hidden.dtype not in KERNEL_DTYPES:
         return chunked.token_losses(p)
-    _check_device(p)
-    with _on_device(p.hidden):
-        return _forward(p)[0]
+    return _OPS.token_losses(p)
