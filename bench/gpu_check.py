@@ -250,12 +250,15 @@ class Context:
 class Recorder:
     """Appends one JSON object per check to ``gpu_check.jsonl``, flushed after each, and keeps them."""
 
-    def __init__(self, out: Path) -> None:
+    def __init__(self, out: Path, resume: bool = False) -> None:
         out.mkdir(parents=True, exist_ok=True)
         self.out = out
+        path = out / "gpu_check.jsonl"
         self.records: list[dict[str, Any]] = []
+        if resume and path.exists():  # a run restarted after its CUDA context was lost: keep what it found
+            self.records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
         self.lock = threading.Lock()
-        self.file = (out / "gpu_check.jsonl").open("w")
+        self.file = path.open("a" if resume else "w")
 
     def write(self, record: dict[str, Any]) -> None:
         with self.lock:
@@ -337,11 +340,33 @@ def skipped(check: Check, ctx: Context, section: int, reason: str) -> dict[str, 
     }
 
 
-def run_sections(sections: list[Section], ctx: Context, rec: Recorder, only: str | None) -> None:
-    """Each section if its estimate fits what is left of the budget, each check likewise; else skips."""
+class ContextLost(Exception):
+    """The CUDA context no longer works (a sticky error such as an illegal memory access): the process
+    must restart to run the remaining checks."""
+
+
+def cuda_healthy() -> bool:
+    """Whether a tiny CUDA operation still runs and reads back."""
+    try:
+        torch.cuda.synchronize()
+        return torch.ones(1, device="cuda").add_(1).item() == 2.0
+    except Exception:
+        return False
+
+
+def run_sections(
+    sections: list[Section], ctx: Context, rec: Recorder, only: str | None, lose_after: str | None = None
+) -> None:
+    """Each section if its estimate fits what is left of the budget, each check likewise; else skips.
+
+    Checks already recorded (a restarted run) are passed over. A check that errors and leaves CUDA
+    unusable raises `ContextLost` (``lose_after``: pretend it happened after that check, for tests).
+    """
+    done = {r["name"] for r in rec.records}
     for sec in sections:
-        chosen = [c for c in sec.checks if only is None or re.search(only, c.name)]
-        for c in sec.checks:
+        todo = [c for c in sec.checks if c.name not in done]
+        chosen = [c for c in todo if only is None or re.search(only, c.name)]
+        for c in todo:
             if c not in chosen:
                 rec.write(skipped(c, ctx, sec.number, f"not selected by --only {only!r}"))
         estimate = sum(c.estimate_s for c in chosen)
@@ -354,8 +379,12 @@ def run_sections(sections: list[Section], ctx: Context, rec: Recorder, only: str
             if ctx.left() < c.estimate_s:
                 reason = f"budget: {max(ctx.left(), 0):.0f} s left, this check needs about {c.estimate_s:.0f} s"
                 rec.write(skipped(c, ctx, sec.number, reason))
-            else:
-                rec.write(run_check(c, ctx, sec.number))
+                continue
+            record = run_check(c, ctx, sec.number)
+            rec.write(record)
+            lost = ctx.device == "cuda" and record["status"] == "error" and not cuda_healthy()
+            if lost or c.name == lose_after:
+                raise ContextLost(c.name)
         ctx.cache.clear()
         free_memory(ctx.device, collect=True)
 
@@ -1177,8 +1206,8 @@ def check_determinism(dtype: torch.dtype) -> Callable[[Context], Outcome]:
 
 def section_sync(ctx: Context) -> Section:
     checks = [Check(f"nosync/{scope}", check_nosync(scope), ctx.estimate(3)) for scope in SCOPES]
-    checks += [Check(f"graph/{scope}", check_graph(scope), ctx.estimate(5)) for scope in SCOPES]
     checks += [Check(f"determinism/{d}", check_determinism(t), ctx.estimate(2)) for d, t in DTYPES.items()]
+    checks += [Check(f"graph/{scope}", check_graph(scope), ctx.estimate(5)) for scope in SCOPES]
     return Section(4, "No host synchronisation, CUDA graphs, determinism", checks)
 
 
@@ -1238,6 +1267,7 @@ def measure_method(ctx: Context, method: str, task: str, shape: tuple[int, int, 
         last["loss"] = loss.detach()
 
     times = time_calls(step, ctx.device, ctx.sizes.timing_reps, warmup=1)
+    x.zero_grad()  # the step's gradients count in its growth, not in the memory before it
     peak = peak_growth_bytes(step, ctx.device)
     x.zero_grad()
     n, d, v = shape
@@ -1529,21 +1559,26 @@ def section_compile(ctx: Context) -> Section:
 # 8. A sweep of tile configurations (reported, not applied)
 
 
+def tile(n: int, v: int, d: int, warps: int = 8, stages: int = 3, **extra: Any) -> dict[str, Any]:
+    """Keyword arguments of a ``ForwardConfig`` / ``BackwardConfig``: block sizes, warps, stages, the rest."""
+    return {"block_n": n, "block_v": v, "block_d": d, "num_warps": warps, "num_stages": stages, **extra}
+
+
 def forward_configs(ctx: Context) -> dict[str, Any]:
     """Forward tiles to time, the launcher's default first."""
     from rho_fused.kernels.forward import ForwardConfig, default_config
 
     if ctx.smoke:
-        tiles = [ForwardConfig(16, 32, 16, splits=2), ForwardConfig(32, 32, 16), ForwardConfig(16, 64, 16, splits=3)]
+        shapes = [tile(16, 32, 16, splits=2), tile(32, 32, 16), tile(16, 64, 16, splits=3)]
     else:
-        tiles = [
-            default_config(torch.bfloat16),
-            ForwardConfig(128, 256, 64, 8, 3),
-            ForwardConfig(256, 128, 64, 8, 3),
-            ForwardConfig(128, 128, 64, 8, 4),
-            ForwardConfig(128, 128, 32, 4, 4),
-            ForwardConfig(64, 128, 64, 4, 3),
+        shapes = [
+            tile(128, 256, 64),
+            tile(256, 128, 64),
+            tile(128, 128, 64, 8, 4),
+            tile(128, 128, 32, 4, 4),
+            tile(64, 128, 64, 4, 3),
         ]
+    tiles = ([] if ctx.smoke else [default_config(torch.bfloat16)]) + [ForwardConfig(**t) for t in shapes]
     return {f"n{c.block_n}v{c.block_v}d{c.block_d}w{c.num_warps}s{c.num_stages}": c for c in tiles}
 
 
@@ -1552,19 +1587,15 @@ def backward_configs(ctx: Context) -> dict[str, Any]:
     from rho_fused.kernels.backward import BackwardConfig, default_config
 
     if ctx.smoke:
-        tiles = [
-            BackwardConfig(16, 32, 16, 2),
-            BackwardConfig(32, 32, 16, 1),
-            BackwardConfig(16, 64, 16, 4, budget_bytes=1),
-        ]
+        shapes = [tile(16, 32, 16, group_n=2), tile(32, 32, 16, group_n=1), tile(16, 64, 16, group_n=4, budget_bytes=1)]
     else:
-        tiles = [
-            default_config(torch.bfloat16),
-            BackwardConfig(128, 256, 64, 8, 8, 3),
-            BackwardConfig(256, 128, 64, 8, 8, 3),
-            BackwardConfig(128, 128, 64, 16, 8, 4),
-            BackwardConfig(64, 128, 64, 8, 4, 3),
+        shapes = [
+            tile(128, 256, 64, group_n=8),
+            tile(256, 128, 64, group_n=8),
+            tile(128, 128, 64, 8, 4, group_n=16),
+            tile(64, 128, 64, 4, 3, group_n=8),
         ]
+    tiles = ([] if ctx.smoke else [default_config(torch.bfloat16)]) + [BackwardConfig(**t) for t in shapes]
     return {f"n{c.block_n}v{c.block_v}d{c.block_d}g{c.group_n}w{c.num_warps}s{c.num_stages}": c for c in tiles}
 
 
@@ -1749,12 +1780,9 @@ def build_sections(ctx: Context) -> list[Section]:
         try:
             sections.append(builder(ctx))
         except Exception as exc:
-            error = exc
-
-            def fail(ctx: Context, error: Exception = error) -> Outcome:
-                raise error
-
-            sections.append(Section(number, builder.__name__, [Check(f"{builder.__name__}/build", fail, 0.0)]))
+            sections.append(
+                Section(number, builder.__name__, [Check(f"{builder.__name__}/build", failing_check(exc), 0)])
+            )
     return sections
 
 
@@ -1818,7 +1846,7 @@ def timing_table(records: list[dict[str, Any]]) -> list[str]:
     ]
 
 
-def write_summary(rec: Recorder, sections: list[Section], ctx: Context, command: str) -> None:
+def write_summary(rec: Recorder, sections: list[Section], ctx: Context, command: str, restarts: int = 0) -> None:
     """``gpu_check.md``: the run's set-up, counts by status, a table per section, the timing table."""
     with rec.lock:
         records = list(rec.records)
@@ -1827,6 +1855,8 @@ def write_summary(rec: Recorder, sections: list[Section], ctx: Context, command:
     v, d = figures.get("env/versions", {}), figures.get("env/device", {})
     rate = figures.get("env/matmul_rate", {}).get("tflops")
     mode = " Smoke run: tiny shapes on CPU under Triton's interpreter; no figure here is a GPU's." if ctx.smoke else ""
+    if restarts:
+        mode += f" Restarted {restarts} time(s) after the CUDA context was lost."
     lines = [
         "# GPU check",
         "",
@@ -1873,36 +1903,99 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "(default: bench/results/{name})",
     )
     parser.add_argument("--budget-s", type=float, default=420.0, help="seconds for all checks (default 420)")
-    parser.add_argument("--grace-s", type=float, default=60.0, help="the watchdog ends the run at budget + grace")
+    parser.add_argument("--grace-s", type=float, default=45.0, help="the watchdog ends the run at budget + grace")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on CPU under TRITON_INTERPRET=1")
     parser.add_argument("--only", help="regular expression: run only the checks whose names match it")
+    parser.add_argument("--resume", type=float, help=argparse.SUPPRESS)  # a restart: the first run's start
+    parser.add_argument("--restarts", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--lose-context-after", help=argparse.SUPPRESS)  # tests: act as if CUDA broke there
     return parser.parse_args(argv)
+
+
+MAX_RESTARTS = 3
+
+
+def canonical_command(args: argparse.Namespace, out: Path) -> str:
+    """The command line of this run, without the options a restart adds."""
+    parts = ["python bench/gpu_check.py", "--out", str(out), "--budget-s", f"{args.budget_s:g}"]
+    parts += ["--smoke"] if args.smoke else []
+    parts += ["--only", repr(args.only)] if args.only else []
+    return " ".join(parts)
+
+
+def restart(args: argparse.Namespace, out: Path, start: float) -> None:
+    """Replace this process by a fresh one that continues the run (same folder, same budget clock)."""
+    argv = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--out",
+        str(out),
+        "--budget-s",
+        repr(args.budget_s),
+        "--grace-s",
+        repr(args.grace_s),
+        "--resume",
+        repr(start),
+        "--restarts",
+        str(args.restarts + 1),
+    ]
+    argv += ["--smoke"] if args.smoke else []
+    argv += ["--only", args.only] if args.only else []
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, argv)
+
+
+def failing_check(exc: Exception) -> Callable[[Context], Outcome]:
+    """A check function that raises ``exc`` (set-up or section errors, recorded like any other)."""
+
+    def run(ctx: Context) -> Outcome:
+        raise exc
+
+    return run
+
+
+def prepare(ctx: Context) -> list[Section]:
+    """Import the package (and, in the smoke run, correct the interpreter and shrink the tiles), then
+    list every section's checks; a failure here becomes one ``setup`` check that errors."""
+    try:
+        ensure_package()
+        if ctx.smoke:
+            load_interpreter_patches()
+            use_small_tiles()
+        return build_sections(ctx)
+    except Exception as exc:
+        return [Section(0, "Set-up", [Check("setup", failing_check(exc), 0.0)])]
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    command = " ".join(["python bench/gpu_check.py", *(sys.argv[1:] if argv is None else argv)])
     smoke = args.smoke or not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
     if smoke:
         os.environ["TRITON_INTERPRET"] = "1"  # before triton is first imported
         if not args.smoke:
             print("no CUDA device (or TRITON_INTERPRET=1): running the smoke checks on CPU", flush=True)
     ctx = Context("cpu" if smoke else "cuda", smoke, SMOKE_SIZES if smoke else GPU_SIZES, args.budget_s)
-    rec = Recorder(Path(args.out.replace("{name}", result_name(ctx.device))))
+    if args.resume is not None:
+        ctx.start = args.resume
+    rec = Recorder(Path(args.out.replace("{name}", result_name(ctx.device))), resume=args.resume is not None)
+    command = canonical_command(args, rec.out)
+    sections = prepare(ctx)
+    summary = lambda: write_summary(rec, sections, ctx, command, args.restarts)  # noqa: E731
+    start_watchdog(ctx, rec, args.budget_s + args.grace_s, summary)
     try:
-        ensure_package()
-        if smoke:
-            load_interpreter_patches()
-            use_small_tiles()
-        sections = build_sections(ctx)
-    except Exception as exc:
-        setup = Check("setup", lambda ctx, exc=exc: (_ for _ in ()).throw(exc), 0.0)
-        sections = [Section(0, "Set-up", [setup])]
-    start_watchdog(ctx, rec, args.budget_s + args.grace_s, lambda: write_summary(rec, sections, ctx, command))
-    try:
-        run_sections(sections, ctx, rec, args.only)
+        run_sections(sections, ctx, rec, args.only, args.lose_context_after if args.restarts == 0 else None)
+    except ContextLost as lost:
+        summary()
+        if args.restarts < MAX_RESTARTS:
+            print(f"CUDA context lost after {lost}: restarting for the remaining checks", flush=True)
+            restart(args, rec.out, ctx.start)
+        for sec in sections:
+            for c in sec.checks:
+                if c.name not in {r["name"] for r in rec.records}:
+                    rec.write(skipped(c, ctx, sec.number, f"CUDA context lost after {lost}, {MAX_RESTARTS} restarts"))
     finally:
-        write_summary(rec, sections, ctx, command)
+        summary()
     bad = [r["name"] for r in rec.records if r["status"] in ("fail", "error")]
     counts = ", ".join(f"{s} {sum(r['status'] == s for r in rec.records)}" for s in STATUSES)
     print(f"{counts}; wrote {rec.out / 'gpu_check.jsonl'} and gpu_check.md", flush=True)

@@ -91,3 +91,15 @@ print(rho_fused.__file__)
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip().startswith(str(ROOT / "rho_fused"))
+
+
+def test_restarts_after_a_lost_cuda_context(tmp_path):
+    """A check that leaves CUDA unusable makes the script replace its process and continue where it was."""
+    proc, records = run_smoke(tmp_path / "out", "--only", "^(env|compact)/", "--lose-context-after", "env/device")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "restarting for the remaining checks" in proc.stdout
+    names = [r["name"] for r in records]
+    assert len(names) == len(set(names)), names
+    status = {r["name"]: r["status"] for r in records}
+    assert status["env/versions"] == status["env/device"] == status["compact/masks"] == "pass"
+    assert "Restarted 1 time" in (tmp_path / "out" / "gpu_check.md").read_text()
