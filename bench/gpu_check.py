@@ -31,8 +31,11 @@ it goes; then ``DIR/gpu_check.md``, the same as tables. Exit status 1 on any fai
 Time: before each section, and before each check, the estimate is compared with what is left of
 ``--budget-s``; what does not fit is recorded as ``skip`` with the reason, and later sections still
 get their chance. A watchdog ends the run (``error``, summary written) at the budget plus
-``--grace-s``. Without CUDA, or with ``--smoke``, everything runs at tiny shapes on CPU under
-``TRITON_INTERPRET=1``, with the test suite's interpreter corrections (``tests/conftest.py``).
+``--grace-s``. A check that errors and leaves CUDA unusable (an illegal memory access) makes the
+script replace its process (``os.execv``) and continue with the next check, in the same files and on
+the same budget clock, at most three times. Without CUDA, or with ``--smoke``, everything runs at
+tiny shapes on CPU under ``TRITON_INTERPRET=1``, with the test suite's interpreter corrections
+(``tests/conftest.py``).
 """
 
 from __future__ import annotations
@@ -300,6 +303,9 @@ def _brief(record: dict[str, Any]) -> str:
 
 
 def _fmt(v: Any) -> str:
+    """Floats to 3 significant digits, None as "-"."""
+    if v is None:
+        return "-"
     if isinstance(v, float):
         return f"{v:.3g}"
     return str(v)
