@@ -61,6 +61,17 @@ def fused_selective_loss(
     With no valid token the loss is 0 and every gradient is 0. With ``ref_loss=None`` and
     ``keep_ratio=1.0`` the result equals ``F.cross_entropy(hidden @ weight.T + bias, targets)``.
     The loss is fp32 (fp64 for fp64 inputs); gradients come back in the inputs' dtypes.
+    Under ``torch.autocast(device, dtype)`` the result is that of ``hidden``, ``weight`` and
+    ``bias`` cast to ``dtype`` first (fp64 excepted), as ``F.linear`` computes; gradients come back
+    in the leaves' dtypes. Any strides are accepted (slices, transposes, expanded views).
+
+    Value checks: targets outside ``[0, V)`` and non-finite ``ref_loss`` at valid tokens raise
+    ``ValueError``. They read values back to the host (one synchronisation per call) and run inside
+    the backend's operator, under ``torch.compile`` too; they are skipped while a CUDA graph is
+    captured, and everywhere when ``rho_fused.validation.CHECK_VALUES`` is False. Forward and
+    backward read nothing else back: they run under CUDA graphs, and ``torch.compile`` traces a
+    call with ``fullgraph=True`` on the ``chunked`` and ``triton`` backends (one custom operator
+    each; the ``reference`` backend sorts on the host and breaks the graph).
 
     ``backend``: ``"reference"`` (full fp32 logits, the oracle), ``"chunked"`` (pure PyTorch,
     one chunk of logits at a time, backward on kept rows only), ``"triton"`` (fused kernels), or
