@@ -15,7 +15,7 @@ from . import chunked, reference
 try:  # the kernels need triton, which some platforms lack: only backend="triton" needs it
     from . import triton
 except ImportError as error:  # pragma: no cover - triton is installed wherever the tests run
-    triton, _TRITON_ERROR = None, error
+    triton, _TRITON_ERROR = None, error  # e.g. no triton, or rho_fused.kernels not installed
 
 BACKENDS = ("reference", "chunked", "triton")
 _MODULES = {"reference": reference, "chunked": chunked, "triton": triton}
@@ -28,5 +28,8 @@ def resolve(backend: str, device: torch.device) -> ModuleType:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
     if _MODULES[backend] is None:
-        raise ImportError(f"backend='triton' needs the triton package, which failed to import: {_TRITON_ERROR}")
+        raise ImportError(
+            f"backend='triton' is unavailable: importing rho_fused.backends.triton failed ({_TRITON_ERROR}); "
+            "it needs the triton package and rho-fused installed (pip install -e . maps kernels/ to rho_fused.kernels)"
+        )
     return _MODULES[backend]
