@@ -15,7 +15,7 @@ from dataclasses import replace
 import pytest
 import torch
 import torch.nn.functional as F
-from cases import IGNORE, Case, assert_parity, make_case, run
+from cases import IGNORE, KERNEL_DEVICE, Case, assert_parity, make_case, run
 from rho_fused.kernels import backward as backward_kernel
 from rho_fused.kernels import forward as forward_kernel
 
@@ -127,7 +127,7 @@ def test_exact_ties(dtype, scope):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_token_losses_and_linear_cross_entropy(dtype):
-    case = make_case((5, 13), 24, 97, seed=7, bias=True, softcap=3.0).to(dtype)
+    case = make_case((5, 13), 24, 97, seed=7, bias=True, softcap=3.0).to(dtype).on(KERNEL_DEVICE)
     args = (case.hidden.detach(), case.weight.detach(), case.targets)
     ce = rho_fused.token_losses(*args, bias=case.bias.detach(), softcap=3.0, backend="triton")
     ce_ref = rho_fused.token_losses(*args, bias=case.bias.detach(), softcap=3.0, backend="reference")
@@ -144,7 +144,7 @@ def test_token_losses_and_linear_cross_entropy(dtype):
 
 def test_gradient_only_where_asked():
     """Weight frozen: the backward computes d hidden alone and weight gets no gradient."""
-    case = make_case((2, 9), 24, 50, seed=9, bias=False)
+    case = make_case((2, 9), 24, 50, seed=9, bias=False).on(KERNEL_DEVICE)
     hidden = case.hidden.detach().requires_grad_(True)
     weight = case.weight.detach()
     loss = rho_fused.fused_selective_loss(hidden, weight, case.targets, case.ref_loss, backend="triton")
@@ -272,7 +272,7 @@ def test_launches_run_under_the_device_guard(monkeypatch):
     monkeypatch.setattr(triton_backend, "_on_device", recording_guard)
     for name in ("compact", "launch_forward", "merge", "select", "launch_backward"):
         monkeypatch.setattr(triton_backend, name, inside(name, getattr(triton_backend, name)))
-    case = make_case((3, 11), 24, 97, seed=29, bias=True)
+    case = make_case((3, 11), 24, 97, seed=29, bias=True).on(KERNEL_DEVICE)
     run(case, "triton", keep_ratio=0.6, reduction="mean")
     rho_fused.token_losses(case.hidden.detach(), case.weight.detach(), case.targets, backend="triton")
     names = {name for name, _ in calls}

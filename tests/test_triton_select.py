@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import KERNEL_DEVICE
 from rho_fused.kernels.compact import CompactConfig, compact
 from rho_fused.kernels.select import SelectConfig, select
 
@@ -21,9 +22,11 @@ SMALL = SelectConfig(block=16)
 def check(excess: torch.Tensor, valid: torch.Tensor, groups: int, keep_ratio: float) -> torch.Tensor:
     """Kernel against the oracle on ``excess`` [N] (fp32) with ``valid`` [N]; returns the kept mask."""
     targets = torch.where(valid, 3, IGNORE).to(torch.int64)
-    kept, threshold, n_keep, n_valid = select(
-        excess.float().contiguous(), targets, groups, IGNORE, keep_fraction(keep_ratio), SMALL
-    )
+    out = select(
+        excess.float().contiguous().to(KERNEL_DEVICE), targets.to(KERNEL_DEVICE), groups, IGNORE,
+        keep_fraction(keep_ratio), SMALL,
+    )  # fmt: skip
+    kept, threshold, n_keep, n_valid = (t.cpu() for t in out)
     kept_ref, threshold_ref, n_keep_ref, n_valid_ref = select_top(
         excess.float().view(groups, -1), valid.view(groups, -1), keep_ratio
     )
@@ -103,7 +106,7 @@ def test_exact_fraction():
 def test_compact(n, block):
     g = torch.Generator().manual_seed(n)
     mask = torch.rand(n, generator=g) > 0.4
-    idx, count = compact(mask, CompactConfig(block=block))
+    idx, count = (t.cpu() for t in compact(mask.to(KERNEL_DEVICE), CompactConfig(block=block)))
     expected = mask.nonzero().flatten()
     assert count.tolist() == [expected.numel()]
     assert torch.equal(idx[: expected.numel()].long(), expected)
