@@ -8,58 +8,15 @@ GPU per process by ``LOCAL_RANK``); rank 0 alone prints and writes.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
-import os
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .ranks import launched_rank_label, local_device, print_on_rank_zero, process_group_from_env
+
 DTYPES = ("float32", "bfloat16", "float16")
-
-
-def _device(name: str | None) -> str:
-    """The device to run on; under torchrun on CUDA, the GPU of this process (``LOCAL_RANK``)."""
-    import torch
-
-    device = name or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-    return device
-
-
-@contextlib.contextmanager
-def distributed_from_env(device: str | None) -> Iterator[int]:
-    """Initialise torch.distributed from torchrun's environment (``WORLD_SIZE`` > 1); yield the rank.
-
-    ``nccl`` for CUDA devices (after selecting the GPU ``LOCAL_RANK``), ``gloo`` otherwise. Without
-    torchrun (or with one process) nothing is initialised and the rank is 0. The group is
-    destroyed on the way out.
-    """
-    import torch
-    import torch.distributed as dist
-
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
-        yield dist.get_rank() if dist.is_initialized() else 0
-        return
-    device = _device(device)
-    if device.startswith("cuda"):
-        torch.cuda.set_device(torch.device(device))
-    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    if dist.get_rank() != 0:  # one set of progress bars: rank 0's
-        _silence_library_bars()
-    try:
-        yield dist.get_rank()
-        dist.barrier()  # leave together, once rank 0 has written everything: no rank tears down under another
-    finally:
-        dist.destroy_process_group()
-
-
-def _say(rank: int, text: str) -> None:
-    """Print on rank 0 only."""
-    if rank == 0:
-        print(text, flush=True)
 
 
 def _tokenizer(path: str | None, *fallbacks: str | None) -> Any:
@@ -81,15 +38,14 @@ def cmd_score(args: argparse.Namespace) -> int:
 
     tokenizer = _tokenizer(args.tokenizer, args.ref_model)
     model = AutoModelForCausalLM.from_pretrained(args.ref_model, dtype=getattr(torch, args.dtype))
-    model.to(_device(args.device))
+    model.to(local_device(args.device))
     rows = corpus_rows(load_corpus(args.corpus), tokenizer, args.seq_len, text_column=args.text_column)
     meta = score_corpus(
         model, tokenizer, rows, args.out,
         seq_len=args.seq_len, batch_size=args.batch_size, backend=args.backend,
         overwrite=args.overwrite, progress=not args.no_progress,
     )  # fmt: skip
-    _say(
-        args.rank,
+    print_on_rank_zero(
         f"scored {meta['n_sequences']} sequences ({meta['n_tokens']} tokens) -> {args.out}; "
         f"mean ref_loss {meta['mean_ref_loss']:.4f}; tokenizer {meta['tokenizer_fingerprint']}, "
         f"reference {meta['reference_fingerprint']}",
@@ -117,7 +73,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     vocab = model.get_output_embeddings().weight.shape[0]
     if len(tokenizer) > vocab:
         raise SystemExit(f"error: the tokenizer has {len(tokenizer)} tokens, more than the model's vocabulary {vocab}")
-    model.to(_device(args.device))
+    model.to(local_device(args.device))
     cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
     out = Path(args.out)
     history = train(
@@ -251,12 +207,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "demo":
             return int(args.func(args) or 0)
-        with distributed_from_env(args.device) as args.rank:
+        with process_group_from_env(args.device) as args.rank:
+            if args.rank != 0:  # one set of progress bars: rank 0's
+                _silence_library_bars()
             return int(args.func(args) or 0)
     except (FingerprintMismatchError, FileNotFoundError, FileExistsError, ValueError) as e:
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        where = f" (rank {os.environ.get('RANK', '0')} of {world})" if world > 1 else ""
-        print(f"rho-fused {args.command}{where}: error: {e}", file=sys.stderr)
+        print(f"rho-fused {args.command}{launched_rank_label()}: error: {e}", file=sys.stderr)
         return 2
 
 

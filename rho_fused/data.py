@@ -98,21 +98,3 @@ def pad_batch(
     if ref is not None:
         batch["ref_loss"] = ref
     return batch
-
-
-def rank_and_world() -> tuple[int, int]:
-    """``(rank, world_size)`` of the default process group, ``(0, 1)`` when torch.distributed is not running."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def shard_bounds(n: int, rank: int, world: int) -> tuple[int, int]:
-    """The contiguous slice ``[lo, hi)`` of ``n`` items that rank ``rank`` of ``world`` holds.
-
-    Contiguous, in rank order: rank 0 holds the first items, so "rank order, then position" (the
-    tie order of ``scope="global"``) is the order of the items in the unsharded batch.
-    """
-    return rank * n // world, (rank + 1) * n // world

@@ -26,9 +26,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .atomic import atomic_dir, recover, write_json
-from .data import pad_batch, rank_and_world
+from .data import pad_batch
 from .hf import head_inputs, shift_left, shift_right
 from .loss import token_losses
+from .ranks import from_rank_zero, gather_to_rank_zero, rank_and_world
 
 META_FILE = "rho_fused.json"
 FORMAT = "rho-fused scored corpus"
@@ -134,15 +135,11 @@ def score_corpus(
     has). An existing ``out_dir`` without ``overwrite`` is refused on every rank before any work.
     """
     import datasets
-    import torch.distributed as dist
 
     if not rows:
         raise ValueError("the corpus gave no token rows to score (is it shorter than one sequence?)")
     rank, world = rank_and_world()
-    exists = [Path(out_dir).exists()]
-    if world > 1:
-        dist.broadcast_object_list(exists, src=0)  # rank 0's file system decides
-    if exists[0] and not overwrite:
+    if from_rank_zero(Path(out_dir).exists()) and not overwrite:  # rank 0's file system decides
         raise FileExistsError(f"{out_dir} already exists; pass overwrite=True (--overwrite) to replace it")
     vocab = model.get_output_embeddings().weight.shape[0]
     top = max(int(r.max()) for r in rows)
@@ -152,15 +149,11 @@ def score_corpus(
         model, rows, batch_size=batch_size, backend=backend, progress=progress and rank == 0, shard=(rank, world)
     )
     if world > 1:
-        mine = {i: r for i, r in enumerate(ref) if r is not None}
-        gathered: list[dict[int, np.ndarray] | None] = [None] * world if rank == 0 else []
-        dist.gather_object(mine, gathered if rank == 0 else None, dst=0)
+        parts = gather_to_rank_zero({i: r for i, r in enumerate(ref) if r is not None})
         if rank != 0:
-            meta_box: list[Any] = [None]
-            dist.broadcast_object_list(meta_box, src=0)  # returns once rank 0 has written
-            return meta_box[0]
-        for part in gathered:
-            for i, r in (part or {}).items():
+            return from_rank_zero(None)  # rank 0's metadata, once it has written
+        for part in parts:
+            for i, r in part.items():
                 ref[i] = r
     n_tokens = sum(len(r) for r in rows)
     n_scored = sum(len(r) - 1 for r in rows)
@@ -186,9 +179,7 @@ def score_corpus(
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         ds.save_to_disk(str(tmp))
         write_json(tmp / META_FILE, meta)
-    if world > 1:
-        dist.broadcast_object_list([meta], src=0)
-    return meta
+    return from_rank_zero(meta)  # the other ranks wait for it above
 
 
 def read_meta(path: str | os.PathLike) -> dict[str, Any]:

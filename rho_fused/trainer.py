@@ -26,6 +26,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .data import pad_batch
 from .hf import causal_lm_loss, kept_count
+from .ranks import ddp_sum_factor, rank_and_world, sum_over_ranks
 from .selection import keep_count_int
 
 
@@ -56,9 +57,8 @@ class SelectiveTrainer(Trainer):
     What is tested: one process (CPU), and DDP over 2 CPU processes under torchrun with
     ``scope="global"`` (one optimizer step equals the one-process step on the same rows). Under
     DDP the loss is computed as the wrapped model's forward (its ``forward`` swapped for the
-    duration of the call), so DDP's hooks run; with ``scope="global"`` and several processes the
-    loss is multiplied by the number of processes, since DDP averages the ranks' gradients and the
-    global gradient is their sum. Not supported: `torch.nn.DataParallel` (refused), FSDP and
+    duration of the call), so DDP's hooks run; with ``scope="global"`` over several processes the
+    loss is scaled by `rho_fused.ranks.ddp_sum_factor`. Not supported: `torch.nn.DataParallel` (refused), FSDP and
     DeepSpeed (untested: their wrappers need the full forward to gather sharded weights).
     """
 
@@ -91,8 +91,7 @@ class SelectiveTrainer(Trainer):
         """The scope the loss runs with: ``"global"`` only over a process group of size > 1, else ``"batch"``."""
         if self.scope != "global":
             return self.scope
-        ranks = torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
-        return "global" if ranks else "batch"
+        return "global" if rank_and_world()[1] > 1 else "batch"
 
     def _set_signature_columns_if_needed(self) -> None:
         super()._set_signature_columns_if_needed()
@@ -112,10 +111,8 @@ class SelectiveTrainer(Trainer):
         if self._loss_scope() == "global":
             # n_keep of each micro-batch is over all ranks: all-reduce the valid counts (one call, every
             # rank has the same number of micro-batches) and add up the ceil of each.
-            valid = torch.tensor([int((b["labels"][..., 1:] != -100).sum()) for b in batch_samples], dtype=torch.int64)
-            valid = valid.to(device)
-            torch.distributed.all_reduce(valid)
-            kept = sum(keep_count_int(n, self.keep_ratio) for n in valid.tolist())
+            valid = sum_over_ranks([int((b["labels"][..., 1:] != -100).sum()) for b in batch_samples], device)
+            kept = sum(keep_count_int(int(n), self.keep_ratio) for n in valid)
             return batch_samples, torch.tensor(kept, device=device)
         if num_items is None or not batch_samples or self.keep_ratio >= 1.0:
             return batch_samples, num_items
@@ -164,12 +161,12 @@ class SelectiveTrainer(Trainer):
         loss = run_as_forward(model, unwrapped, loss_fn)
         if normalise:
             loss = loss / torch.as_tensor(num_items_in_batch, device=loss.device, dtype=loss.dtype)
+        # each rank's loss is its share of one global loss (the Trainer's count of the accumulated
+        # batch is over all processes), and DDP averages the ranks' gradients (and the Trainer their losses)
         if scope == "global":
-            # each rank's loss is its share of the global loss: DDP averages the ranks' gradients (and the
-            # Trainer their reported losses) where the global value is the sum
-            loss = loss * torch.distributed.get_world_size()
+            loss = loss * ddp_sum_factor(rank_and_world()[1])
         elif normalise and self.args.average_tokens_across_devices and self.args.world_size > 1:
-            loss = loss * self.accelerator.num_processes
+            loss = loss * ddp_sum_factor(self.accelerator.num_processes)
         return (loss, CausalLMOutputWithPast(loss=loss)) if return_outputs else loss
 
 

@@ -6,7 +6,7 @@ The batch of step ``s`` depends only on ``(seed, s)``, and a checkpoint holds th
 optimizer and the RNG state, so resuming from step ``k`` gives the same weights at step ``n`` as
 an uninterrupted run. The loss never computes the model's logits (`causal_lm_loss`).
 
-Under ``torchrun`` (torch.distributed initialised before `train` is called, see `rho_fused.cli`)
+Under ``torchrun`` (torch.distributed initialised before `train` is called, as `rho-fused train` does)
 the same global batch is split into contiguous shards, one per rank; ``scope="batch"`` then
 selects over the whole global batch (``scope="global"`` of `fused_selective_loss`), the loss goes
 through `DistributedDataParallel`, and the weights after each step are the ones one process
@@ -30,8 +30,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .atomic import atomic_dir, recover, write_json
-from .data import pad_batch, rank_and_world, shard_bounds
+from .data import pad_batch
 from .hf import causal_lm_loss, kept_count
+from .ranks import barrier, ddp_sum_factor, min_over_ranks, rank_and_world, shard_bounds, sum_over_ranks, wrap_for_ranks
 
 CHECKPOINT = "checkpoint"
 
@@ -85,20 +86,6 @@ class SelectiveObjective(nn.Module):
             ref_loss=ref_loss if self.keep_ratio < 1.0 else None, keep_ratio=self.keep_ratio,
             scope=self.scope, backend=self.backend, reduction="sum", return_stats=True,
         )  # fmt: skip
-
-
-def wrap_for_ranks(objective: nn.Module, world: int) -> nn.Module:
-    """``objective`` itself on one process; in `DistributedDataParallel` on several.
-
-    DDP broadcasts rank 0's parameters and buffers when it is built, so every rank starts from
-    the same weights, and averages the gradients in backward.
-    """
-    if world <= 1:
-        return objective
-    from torch.nn.parallel import DistributedDataParallel
-
-    device = next(objective.parameters()).device
-    return DistributedDataParallel(objective, device_ids=[device.index] if device.type == "cuda" else None)
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -157,10 +144,7 @@ def evaluate(model: nn.Module, rows: Sequence[Any], *, batch_size: int = 16, bac
                                       reduction="sum", backend=backend))  # fmt: skip
         count += int((b["labels"][:, 1:] != -100).sum())
     model.train(was_training)
-    if world > 1:
-        sums = torch.tensor([total, count], dtype=torch.float64, device=device)
-        torch.distributed.all_reduce(sums)
-        total, count = float(sums[0]), int(sums[1])
+    total, count = sum_over_ranks([total, count], device)
     return total / max(count, 1)
 
 
@@ -202,9 +186,8 @@ def train(
     running shard ``r`` through `DistributedDataParallel`. ``scope="batch"`` selects the top
     ``keep_ratio`` over the whole global micro-batch (``scope="global"``), ``"sequence"`` within
     each row. Each rank's summed kept loss is divided by the kept count of the whole accumulated
-    global batch and multiplied by ``world``, because DDP *averages* the ranks' gradients and the
-    global gradient is their *sum*: after the all-reduce every rank holds the gradient one process
-    computes, so clipping and the optimizer step are the same. Rank 0 alone shows a progress bar
+    global batch and scaled by `rho_fused.ranks.ddp_sum_factor`: every rank then holds the gradient
+    one process computes, so clipping and the optimizer step are the same. Rank 0 alone shows a progress bar
     and writes checkpoints; every rank resumes from them. ``batch_size`` must be at least ``world``.
     """
     if cfg.keep_ratio < 1.0 and "ref_loss" not in data[0]:
@@ -239,8 +222,7 @@ def train(
         if ckpt is not None and rank == 0:
             save_checkpoint(ckpt, model, optimizer, {"step": step, "history": history,
                                                      "config": dataclasses.asdict(cfg)})  # fmt: skip
-        if world > 1:
-            torch.distributed.barrier()  # the checkpoint is complete before any rank goes on
+        barrier()  # the checkpoint is complete before any rank goes on
 
     # one process: scope "batch" is the batch; several: the same global batch, over all ranks
     loss_scope = "global" if world > 1 and cfg.scope == "batch" else cfg.scope
@@ -270,17 +252,12 @@ def train(
             sync = world > 1 and m < cfg.accum_steps - 1  # DDP all-reduces on the last micro-batch only
             with net.no_sync() if sync else contextlib.nullcontext():
                 loss, stats = net(b["input_ids"], b["labels"], b["attention_mask"], b.get("ref_loss"))
-                (loss * (world / max(n_keep, 1))).backward()
+                (loss * (ddp_sum_factor(world) / max(n_keep, 1))).backward()
             mine = [loss.detach(), stats.ce.sum(), b["attention_mask"].sum(), stats.kept.sum()]
             sums += torch.tensor([float(x) for x in mine], dtype=torch.float64)
             threshold = torch.minimum(threshold, stats.threshold.detach().double().min().cpu())
-        if world > 1:
-            stat_sums = sums.to(device)
-            torch.distributed.all_reduce(stat_sums)
-            sums = stat_sums.cpu()
-            low = threshold.to(device)
-            torch.distributed.all_reduce(low, op=torch.distributed.ReduceOp.MIN)
-            threshold = low.cpu()
+        sums = sum_over_ranks(sums.tolist(), device)
+        threshold = min_over_ranks(float(threshold), device)
         tokens += int(sums[2])
         if int(sums[3]) != n_keep:  # the tokens the loss kept, over all ranks, against the count it was divided by
             raise RuntimeError(f"step {step}: the loss kept {int(sums[3])} tokens, {n_keep} were expected")

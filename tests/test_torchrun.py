@@ -2,7 +2,7 @@
 
 Scoring: the 2-process output is byte for byte the 1-process one. Training with keep_ratio < 1:
 the same global batch each step, split over the ranks, must give the same selection (global, not
-per rank), the same summed gradient (DDP averages, so the loss is scaled by the world size) and so
+per rank), the same summed gradient (the loss scaled by `rho_fused.ranks.ddp_sum_factor`) and so
 the same weights. The per-step log is compared too: ``grad_norm`` (before clipping) would be off
 by the world size if the scaling were wrong, where AdamW alone would hide it.
 """
