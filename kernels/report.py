@@ -20,6 +20,7 @@ of HMMA / HGMMA instructions in the ``nvdisasm`` listing.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import re
@@ -31,7 +32,6 @@ from dataclasses import dataclass
 import torch
 import triton
 from triton.backends.compiler import GPUTarget
-from triton.backends.nvidia.compiler import get_ptxas
 
 from . import backward, compact, forward, merge, select
 
@@ -124,25 +124,58 @@ def specs(dtype: torch.dtype = DTYPE, extras: bool = False) -> list[KernelSpec]:
 
 
 def _source(spec: KernelSpec) -> triton.compiler.ASTSource:
-    """Signature and specialisation as the JIT would build them for these argument values."""
+    """Signature and specialisation as the JIT would build them for these argument values.
+
+    The JIT marks pointers (torch allocations are 16-byte aligned) and integers that are multiples
+    of 16 divisible by 16, and turns an integer equal to 1 into a constant. Triton 3.2 takes
+    ``constants`` by name with an ``AttrsDescriptor`` of argument indices and leaves constexprs out
+    of the signature; from 3.3 on, ``constexprs`` and ``attrs`` keyed by argument path, and
+    constexprs stay in the signature as ``"constexpr"``.
+    """
+    legacy = "constants" in inspect.signature(triton.compiler.ASTSource.__init__).parameters  # triton 3.2
     signature: dict[str, str] = {}
     constexprs: dict[str, object] = {}
-    attrs: dict[tuple[int, ...], list[list[object]]] = {}
+    hints: dict[int, int] = {}  # argument index -> 16 (divisible by 16) or 1 (equal to 1)
     for i, name in enumerate(spec.fn.arg_names):
         value = spec.args[name]
         if name in spec.constexprs:
-            signature[name] = "constexpr"
             constexprs[name] = value
-        elif isinstance(value, str):
+            if not legacy:
+                signature[name] = "constexpr"
+            continue
+        if isinstance(value, str):
             signature[name] = value
-            attrs[(i,)] = [["tt.divisibility", 16]]  # torch allocations are 16-byte aligned
+            hints[i] = 16
         elif isinstance(value, float):
             signature[name] = "fp32"
+        elif value == 1:
+            constexprs[name] = 1
+            signature[name] = "i32" if legacy else "constexpr"
+            hints[i] = 1
         else:
             signature[name] = "i32" if -(2**31) <= value < 2**31 else "i64"
             if value % 16 == 0:
-                attrs[(i,)] = [["tt.divisibility", 16]]
+                hints[i] = 16
+    if legacy:
+        from triton.backends.compiler import AttrsDescriptor
+
+        attrs = AttrsDescriptor.from_hints(hints)
+        return triton.compiler.ASTSource(fn=spec.fn, signature=signature, constants=constexprs, attrs=attrs)
+    attrs = {(i,): [["tt.divisibility", 16]] for i, h in hints.items() if h == 16}
     return triton.compiler.ASTSource(fn=spec.fn, signature=signature, constexprs=constexprs, attrs=attrs)
+
+
+def _ptxas(arch: int) -> str:
+    """Path of the ptxas triton itself runs for ``sm_<arch>`` (some wheels ship a second one for
+    Blackwell). Its finder: none in 3.2, ``get_ptxas(arch) -> (path, version)`` in 3.3,
+    ``get_ptxas() -> tool`` in 3.4 and 3.5, ``get_ptxas(arch) -> tool`` from 3.6."""
+    from triton.backends.nvidia import compiler
+
+    if not hasattr(compiler, "get_ptxas"):
+        return compiler._path_to_binary("ptxas")[0]
+    takes_arch = bool(inspect.signature(compiler.get_ptxas).parameters)
+    found = compiler.get_ptxas(arch) if takes_arch else compiler.get_ptxas()
+    return found[0] if isinstance(found, tuple) else found.path
 
 
 def _run(*cmd: str) -> str:
@@ -170,8 +203,7 @@ def measure(spec: KernelSpec, arch: int) -> dict[str, int]:
             f.write(k.asm["ptx"])
         usage = _tool("cuobjdump", "-res-usage", cubin)
         sass = _tool("nvdisasm", cubin)
-        # The ptxas triton itself runs for this architecture (the wheel ships two).
-        ptxas = _run(get_ptxas(arch).path, "-v", f"--gpu-name={gpu}", ptx, "-o", os.path.join(tmp, "check.cubin"))
+        ptxas = _run(_ptxas(arch), "-v", f"--gpu-name={gpu}", ptx, "-o", os.path.join(tmp, "check.cubin"))
     regs = int(re.search(r"REG:(\d+)", usage).group(1))
     spills = sum(int(b) for b in re.findall(r"(\d+) bytes spill (?:stores|loads)", ptxas))
     local = int(re.search(r"LOCAL:(\d+)", usage).group(1))
