@@ -112,13 +112,14 @@ class _ShowDefaults(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .training import TrainConfig
+    from .backends import BACKENDS
+    from .training import TRAIN_SCOPES, TrainConfig
 
     parser = argparse.ArgumentParser(
         prog="rho-fused", description="Rho-1 selective language modelling: score a corpus, train, run the demo."
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    backends = ("auto", "chunked", "triton", "reference")
+    backends = ("auto", *BACKENDS)
     defaults = _ShowDefaults
 
     p = sub.add_parser(
@@ -150,8 +151,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", help="tokenizer (default: the --model / --config one); must match the data's")
     p.add_argument("--eval-data", help="scored dataset to evaluate on (mean loss of every token)")
     p.add_argument("--keep-ratio", type=float, default=0.6, help="fraction of tokens kept (1: plain CLM)")
-    p.add_argument("--scope", choices=("batch", "sequence"), default=d.scope,
-                   help="select over the whole batch (under torchrun: all ranks'), or per sequence")  # fmt: skip
+    p.add_argument(
+        "--scope",
+        choices=TRAIN_SCOPES,
+        default=d.scope,
+        help="select per sequence, or over the whole global batch (under torchrun: all ranks' shards together)",
+    )
     p.add_argument("--steps", type=int, default=d.steps)
     p.add_argument(
         "--batch-size", type=int, default=d.batch_size, help="rows per micro-batch (the global batch under torchrun)"

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from .loss import fused_selective_loss
 from .problem import SelectionStats
 from .selection import keep_count_int
+from .validation import SCOPES
 
 
 def lm_head_of(model: nn.Module) -> tuple[Tensor, Tensor | None, float | None, float]:
@@ -85,6 +86,20 @@ def shift_right(x: Tensor, fill: float | int) -> Tensor:
     return torch.cat([x.new_full((*x.shape[:-1], 1), fill), x[..., :-1]], dim=-1)
 
 
+def next_token_targets(labels: Tensor, ignore_index: int = -100) -> Tensor:
+    """What each position predicts: ``labels[..., t + 1]`` at position ``t``, ``ignore_index`` at the last.
+
+    The causal shift moves the targets, never the hidden states: ``hidden[t]`` predicts
+    ``labels[t + 1]``, and no copy of the ``[B, T, D]`` activations is made.
+    """
+    return shift_left(labels, ignore_index)
+
+
+def valid_count(labels: Tensor, *, ignore_index: int = -100) -> int:
+    """How many of ``labels [B, T]`` a causal-LM loss scores: those past position 0, other than ``ignore_index``."""
+    return int((labels[..., 1:] != ignore_index).sum())
+
+
 def causal_lm_loss(
     model: nn.Module,
     input_ids: Tensor,
@@ -123,9 +138,7 @@ def causal_lm_loss(
     if ref_loss is not None and ref_loss.shape != labels.shape:
         raise ValueError(f"ref_loss must have the shape of labels {tuple(labels.shape)}, got {tuple(ref_loss.shape)}")
     hidden, weight, bias, softcap = head_inputs(model, input_ids, attention_mask, **model_kwargs)
-    # The causal shift moves the targets, never the hidden states: hidden[t] predicts labels[t + 1];
-    # the last position gets ignore_index. No copy of the [B, T, D] activations is made.
-    targets = shift_left(labels.to(hidden.device), ignore_index)
+    targets = next_token_targets(labels.to(hidden.device), ignore_index)
     shifted_ref = None if ref_loss is None else shift_left(ref_loss.to(hidden.device, torch.float32), 0.0)
     out = fused_selective_loss(
         hidden, weight, targets, shifted_ref,
@@ -167,8 +180,8 @@ def kept_count(
     each rank passing its own ``labels``: a collective (one ``all_reduce``) that every rank must
     call, returning the same count everywhere, the number of tokens kept over all ranks.
     """
-    if scope not in ("batch", "sequence", "global"):
-        raise ValueError(f"scope must be 'batch', 'sequence' or 'global', got scope={scope!r}")
+    if scope not in SCOPES:
+        raise ValueError(f"scope must be one of {SCOPES}, got scope={scope!r}")
     valid = labels[..., 1:] != ignore_index
     if scope == "global":
         if not (torch.distributed.is_available() and torch.distributed.is_initialized()):

@@ -33,6 +33,14 @@ def shard_bounds(n: int, rank: int, world: int) -> tuple[int, int]:
     return rank * n // world, (rank + 1) * n // world
 
 
+def loss_scope(scope: str, world: int) -> str:
+    """The scope a loss runs with on ``world`` ranks: ``"global"`` (all ranks' tokens together) is ``"batch"`` on one.
+
+    On one process the two select the same tokens; ``"batch"`` needs no process group.
+    """
+    return "batch" if scope == "global" and world <= 1 else scope
+
+
 def ddp_sum_factor(world: int) -> int:
     """What a rank's loss is multiplied by for DDP to leave the *sum* of the ranks' gradients: ``world``.
 

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from .atomic import atomic_dir, recover, write_json
 from .data import pad_batch
-from .hf import head_inputs, shift_left, shift_right
+from .hf import head_inputs, next_token_targets, shift_right
 from .loss import token_losses
 from .ranks import from_rank_zero, gather_to_rank_zero, rank_and_world
 
@@ -103,7 +103,7 @@ def score_rows(
         batch = pad_batch([{"input_ids": rows[i]} for i in idx])
         ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
         hidden, weight, bias, softcap = head_inputs(model, ids, mask)
-        targets = shift_left(batch["labels"].to(device), -100)
+        targets = next_token_targets(batch["labels"].to(device))
         ce = token_losses(hidden, weight, targets, bias=bias, softcap=softcap, backend=backend)
         ce = shift_right(ce, 0.0).float().cpu().numpy()
         for j, i in enumerate(idx):

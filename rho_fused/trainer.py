@@ -25,14 +25,15 @@ from transformers import Trainer
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .data import pad_batch
-from .hf import causal_lm_loss, kept_count
-from .ranks import ddp_sum_factor, rank_and_world, sum_over_ranks
+from .hf import causal_lm_loss, kept_count, valid_count
+from .ranks import ddp_sum_factor, loss_scope, rank_and_world, sum_over_ranks
 from .selection import keep_count_int
+from .validation import SCOPES
 
 
 class SelectiveDataCollator:
     """Pads rows of ``input_ids`` (and ``ref_loss``) into ``input_ids``, ``attention_mask``, ``labels``
-    (-100 at padding) and ``ref_loss`` (0 at padding)."""
+    (``ignore_index`` at padding) and ``ref_loss`` (0 at padding): `rho_fused.data.pad_batch`."""
 
     def __init__(self, pad_token_id: int = 0) -> None:
         self.pad_token_id = pad_token_id
@@ -84,14 +85,12 @@ class SelectiveTrainer(Trainer):
         # return is already normalised over the accumulated batch (True) or a micro-batch mean.
         self.model_accepts_loss_kwargs = True
         self.loss_is_scaled_for_ga = None if average_over_accumulation else False
-        if scope not in ("batch", "sequence", "global"):
-            raise ValueError(f"scope must be 'batch', 'sequence' or 'global', got scope={scope!r}")
+        if scope not in SCOPES:
+            raise ValueError(f"scope must be one of {SCOPES}, got scope={scope!r}")
 
     def _loss_scope(self) -> str:
         """The scope the loss runs with: ``"global"`` only over a process group of size > 1, else ``"batch"``."""
-        if self.scope != "global":
-            return self.scope
-        return "global" if rank_and_world()[1] > 1 else "batch"
+        return loss_scope(self.scope, rank_and_world()[1])
 
     def _set_signature_columns_if_needed(self) -> None:
         super()._set_signature_columns_if_needed()
@@ -111,7 +110,7 @@ class SelectiveTrainer(Trainer):
         if self._loss_scope() == "global":
             # n_keep of each micro-batch is over all ranks: all-reduce the valid counts (one call, every
             # rank has the same number of micro-batches) and add up the ceil of each.
-            valid = sum_over_ranks([int((b["labels"][..., 1:] != -100).sum()) for b in batch_samples], device)
+            valid = sum_over_ranks([valid_count(b["labels"]) for b in batch_samples], device)
             kept = sum(keep_count_int(int(n), self.keep_ratio) for n in valid)
             return batch_samples, torch.tensor(kept, device=device)
         if num_items is None or not batch_samples or self.keep_ratio >= 1.0:
@@ -120,7 +119,7 @@ class SelectiveTrainer(Trainer):
         kept = sum(kept_count(b["labels"], self.keep_ratio, scope=scope) for b in batch_samples)
         if self.args.world_size <= 1 and self.args.n_gpu <= 1:
             return batch_samples, torch.tensor(kept, device=device)
-        valid = sum(int((b["labels"][..., 1:] != -100).sum()) for b in batch_samples)
+        valid = sum(valid_count(b["labels"]) for b in batch_samples)
         counts = torch.tensor([kept, valid], dtype=torch.float64, device=device)
         if self.args.average_tokens_across_devices and self.args.world_size > 1:
             counts = self.accelerator.gather(counts.unsqueeze(0)).sum(0)

@@ -7,10 +7,10 @@ optimizer and the RNG state, so resuming from step ``k`` gives the same weights 
 an uninterrupted run. The loss never computes the model's logits (`causal_lm_loss`).
 
 Under ``torchrun`` (torch.distributed initialised before `train` is called, as `rho-fused train` does)
-the same global batch is split into contiguous shards, one per rank; ``scope="batch"`` then
-selects over the whole global batch (``scope="global"`` of `fused_selective_loss`), the loss goes
-through `DistributedDataParallel`, and the weights after each step are the ones one process
-gets on the same global batch. Only rank 0 shows progress and writes checkpoints.
+the same global batch is split into contiguous shards, one per rank; ``scope="global"`` selects
+over the whole global batch (all ranks' shards, as `fused_selective_loss` does with that scope),
+the loss goes through `DistributedDataParallel`, and the weights after each step are the ones one
+process gets on the same global batch. Only rank 0 shows progress and writes checkpoints.
 """
 
 from __future__ import annotations
@@ -31,8 +31,22 @@ from tqdm.auto import tqdm
 
 from .atomic import atomic_dir, recover, write_json
 from .data import pad_batch
-from .hf import causal_lm_loss, kept_count
-from .ranks import barrier, ddp_sum_factor, min_over_ranks, rank_and_world, shard_bounds, sum_over_ranks, wrap_for_ranks
+from .hf import causal_lm_loss, kept_count, valid_count
+from .ranks import (
+    barrier,
+    ddp_sum_factor,
+    loss_scope,
+    min_over_ranks,
+    rank_and_world,
+    shard_bounds,
+    sum_over_ranks,
+    wrap_for_ranks,
+)
+from .validation import SCOPES
+
+# What `train` selects over: the whole global batch (every rank's shard together), or each row.
+# (The loss's per-rank "batch" is not offered: on one process "global" is the same selection.)
+TRAIN_SCOPES = tuple(s for s in SCOPES if s != "batch")
 
 CHECKPOINT = "checkpoint"
 
@@ -52,7 +66,7 @@ class TrainConfig:
     beta2: float = 0.95
     grad_clip: float = 1.0
     keep_ratio: float = 1.0
-    scope: str = "batch"
+    scope: str = "global"  # one of TRAIN_SCOPES
     seed: int = 0
     backend: str = "auto"
     log_every: int = 10
@@ -142,7 +156,7 @@ def evaluate(model: nn.Module, rows: Sequence[Any], *, batch_size: int = 16, bac
         b = {k: v.to(device) for k, v in b.items()}
         total += float(causal_lm_loss(model, b["input_ids"], b["labels"], attention_mask=b["attention_mask"],
                                       reduction="sum", backend=backend))  # fmt: skip
-        count += int((b["labels"][:, 1:] != -100).sum())
+        count += valid_count(b["labels"])
     model.train(was_training)
     total, count = sum_over_ranks([total, count], device)
     return total / max(count, 1)
@@ -183,17 +197,19 @@ def train(
     Data parallel: when torch.distributed is initialised with ``world`` ranks, every rank calls
     `train` with the same ``data`` and config. Each micro-batch of ``batch_size`` rows (the global
     batch: the same rows as on one process) is split into ``world`` contiguous shards, rank ``r``
-    running shard ``r`` through `DistributedDataParallel`. ``scope="batch"`` selects the top
-    ``keep_ratio`` over the whole global micro-batch (``scope="global"``), ``"sequence"`` within
-    each row. Each rank's summed kept loss is divided by the kept count of the whole accumulated
+    running shard ``r`` through `DistributedDataParallel`. ``scope="global"`` selects the top
+    ``keep_ratio`` over the whole global micro-batch (on one process: the batch), ``"sequence"``
+    within each row. Each rank's summed kept loss is divided by the kept count of the whole accumulated
     global batch and scaled by `rho_fused.ranks.ddp_sum_factor`: every rank then holds the gradient
     one process computes, so clipping and the optimizer step are the same. Rank 0 alone shows a progress bar
     and writes checkpoints; every rank resumes from them. ``batch_size`` must be at least ``world``.
     """
     if cfg.keep_ratio < 1.0 and "ref_loss" not in data[0]:
         raise ValueError(f"keep_ratio={cfg.keep_ratio} needs a scored dataset with 'ref_loss' (rho-fused score)")
-    if cfg.scope not in ("batch", "sequence"):
-        raise ValueError(f"scope must be 'batch' (the whole global batch) or 'sequence', got scope={cfg.scope!r}")
+    if cfg.scope not in TRAIN_SCOPES:
+        raise ValueError(
+            f"scope must be one of {TRAIN_SCOPES} (the global batch, or each row), got scope={cfg.scope!r}"
+        )
     rank, world = rank_and_world()
     if cfg.batch_size < world:
         raise ValueError(f"batch_size={cfg.batch_size} is smaller than the world size {world}: a rank would get no row")
@@ -224,9 +240,9 @@ def train(
                                                      "config": dataclasses.asdict(cfg)})  # fmt: skip
         barrier()  # the checkpoint is complete before any rank goes on
 
-    # one process: scope "batch" is the batch; several: the same global batch, over all ranks
-    loss_scope = "global" if world > 1 and cfg.scope == "batch" else cfg.scope
-    objective = SelectiveObjective(model, keep_ratio=cfg.keep_ratio, scope=loss_scope, backend=cfg.backend)
+    scope = loss_scope(cfg.scope, world)
+    count_scope = loss_scope(cfg.scope, 1)  # every rank counts the kept tokens on the whole global batch
+    objective = SelectiveObjective(model, keep_ratio=cfg.keep_ratio, scope=scope, backend=cfg.backend)
     net = wrap_for_ranks(objective, world)
     lo, hi = shard_bounds(cfg.batch_size, rank, world)
     model.train()
@@ -243,8 +259,8 @@ def train(
         # nor the number of ranks changes the gradient. Every rank counts it on the global batch.
         batches = [pad_batch([data[i] for i in order.indices(step * cfg.accum_steps + m)])
                    for m in range(cfg.accum_steps)]  # fmt: skip
-        n_keep = sum(kept_count(b["labels"], cfg.keep_ratio, scope=cfg.scope) for b in batches)
-        n_valid = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+        n_keep = sum(kept_count(b["labels"], cfg.keep_ratio, scope=count_scope) for b in batches)
+        n_valid = sum(valid_count(b["labels"]) for b in batches)
         sums = torch.zeros(4, dtype=torch.float64)  # this rank's kept ce, all ce, tokens, kept tokens
         threshold = torch.tensor(math.inf, dtype=torch.float64)
         for m, full in enumerate(batches):
