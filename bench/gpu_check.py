@@ -745,7 +745,7 @@ def compare_select(ctx: Context, excess: torch.Tensor, targets: torch.Tensor, gr
     """What differs between the select kernel and `select_oracle` (empty when they agree)."""
     from rho_fused.kernels.select import select
 
-    from rho_fused.selection import keep_fraction
+    from rho_fused.problem import keep_fraction
 
     keep = keep_fraction(ratio)
     kept, threshold, n_keep, n_valid = select(excess, targets, groups, IGNORE, keep)
@@ -943,7 +943,7 @@ def check_chunked_vocab(dtype: torch.dtype) -> Callable[[Context], Outcome]:
     def run(ctx: Context) -> Outcome:
         from rho_fused.kernels import backward
 
-        from rho_fused.selection import keep_count_int
+        from rho_fused.problem import keep_count_int
 
         default = backward.default_config
         small = replace(default(dtype), budget_bytes=ctx.sizes.chunk_budget_bytes)

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .selection import keep_count
+from .problem import keep_count
 
 DIGIT_BITS = 8
 SIGN = 1 << 31

@@ -10,6 +10,7 @@ module exposes two functions over it:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from fractions import Fraction
 
 import torch
 from torch import Tensor
@@ -81,6 +82,20 @@ def reduce_loss(p: LossProblem, per_token: Tensor, n_kept: Tensor) -> Tensor:
     return per_token.sum() / n_kept.sum().clamp(min=1)
 
 
+def upstream(p: LossProblem, grad_loss: Tensor, n_kept: Tensor, dtype: torch.dtype) -> Tensor:
+    """``g``, the gradient of the loss with respect to each kept token's ``ce_i``, in ``dtype``.
+
+    ``"none"``: the upstream gradient of token ``i``, ``[N]``; ``"sum"``: the one upstream value,
+    ``[1]``; ``"mean"``: that value over the total kept count (on the device), ``[1]``.
+    """
+    grad_loss = grad_loss.to(dtype)
+    if p.reduction == "none":
+        return grad_loss.reshape(-1).contiguous()
+    if p.reduction == "sum":
+        return grad_loss.reshape(1)
+    return (grad_loss / n_kept.sum().clamp(min=1)).reshape(1)
+
+
 def make_stats(
     p: LossProblem, ce: Tensor, excess: Tensor, kept: Tensor, threshold: Tensor, n_kept: Tensor, n_valid: Tensor
 ) -> SelectionStats:
@@ -95,3 +110,30 @@ def make_stats(
         n_kept=n_kept,
         n_valid=n_valid,
     )
+
+
+# keep_ratio is read as the nearest fraction p / q with q <= this bound, so that a decimal
+# ratio means what it says: 0.7 is 7/10 exactly, and 0.7 of 10 tokens keeps 7, never 8.
+MAX_DENOMINATOR = 1_000_000
+
+
+def keep_fraction(keep_ratio: float) -> tuple[int, int]:
+    """``keep_ratio`` as an exact fraction ``(p, q)``, ``0 <= p <= q <= MAX_DENOMINATOR``."""
+    f = Fraction(keep_ratio).limit_denominator(MAX_DENOMINATOR)
+    return f.numerator, f.denominator
+
+
+def keep_count_int(n_valid: int, keep_ratio: float) -> int:
+    """`keep_count` for a Python integer, on the host: what a training loop divides by."""
+    p, q = keep_fraction(keep_ratio)
+    return max(1, (n_valid * p + q - 1) // q) if n_valid > 0 else 0
+
+
+def keep_count(n_valid: Tensor, keep_ratio: float) -> Tensor:
+    """``n_keep = max(1, ceil(p * n_valid / q))`` where ``n_valid >= 1``, else 0, in integers.
+
+    Integer arithmetic on the tensor's device: exact, and no host synchronisation.
+    """
+    p, q = keep_fraction(keep_ratio)
+    n_keep = (n_valid * p + (q - 1)) // q
+    return torch.where(n_valid > 0, n_keep.clamp(min=1), torch.zeros_like(n_keep))

@@ -7,38 +7,11 @@ ties going to the lower index.
 
 from __future__ import annotations
 
-from fractions import Fraction
-
 import torch
 from torch import Tensor
 
-from .problem import LossProblem
-
-# keep_ratio is read as the nearest fraction p / q with q <= this bound, so that a decimal
-# ratio means what it says: 0.7 is 7/10 exactly, and 0.7 of 10 tokens keeps 7, never 8.
-MAX_DENOMINATOR = 1_000_000
-
-
-def keep_fraction(keep_ratio: float) -> tuple[int, int]:
-    """``keep_ratio`` as an exact fraction ``(p, q)``, ``0 <= p <= q <= MAX_DENOMINATOR``."""
-    f = Fraction(keep_ratio).limit_denominator(MAX_DENOMINATOR)
-    return f.numerator, f.denominator
-
-
-def keep_count_int(n_valid: int, keep_ratio: float) -> int:
-    """`keep_count` for a Python integer, on the host: what a training loop divides by."""
-    p, q = keep_fraction(keep_ratio)
-    return max(1, (n_valid * p + q - 1) // q) if n_valid > 0 else 0
-
-
-def keep_count(n_valid: Tensor, keep_ratio: float) -> Tensor:
-    """``n_keep = max(1, ceil(p * n_valid / q))`` where ``n_valid >= 1``, else 0, in integers.
-
-    Integer arithmetic on the tensor's device: exact, and no host synchronisation.
-    """
-    p, q = keep_fraction(keep_ratio)
-    n_keep = (n_valid * p + (q - 1)) // q
-    return torch.where(n_valid > 0, n_keep.clamp(min=1), torch.zeros_like(n_keep))
+from .global_select import global_select
+from .problem import LossProblem, keep_count
 
 
 def select_top(excess: Tensor, valid: Tensor, keep_ratio: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -71,8 +44,6 @@ def select_top(excess: Tensor, valid: Tensor, keep_ratio: float) -> tuple[Tensor
 def select(p: LossProblem, excess: Tensor, valid: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Step 5 over the flattened tokens of ``p``: ``(kept [N], threshold, n_keep, n_valid)`` per group."""
     if p.scope == "global":
-        from .distributed import global_select
-
         return global_select(excess, valid, p.keep_ratio, p.group)
     kept, threshold, n_keep, n_valid = select_top(excess.view(p.groups, -1), valid.view(p.groups, -1), p.keep_ratio)
     return kept.reshape(-1), threshold, n_keep, n_valid

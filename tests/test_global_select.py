@@ -12,7 +12,7 @@ import torch.multiprocessing as mp
 from cases import IGNORE, make_case
 
 import rho_fused
-from rho_fused.distributed import key_to_float, order_keys
+from rho_fused.global_select import key_to_float, order_keys
 
 D, V = 16, 37
 

@@ -8,7 +8,8 @@ from fractions import Fraction
 import pytest
 import torch
 
-from rho_fused.selection import keep_count, select_top
+from rho_fused.problem import keep_count
+from rho_fused.selection import select_top
 
 
 def oracle(excess: list[float], valid: list[bool], keep_ratio: float) -> list[bool]:

@@ -12,7 +12,8 @@ from conftest import KERNEL_DEVICE
 from rho_fused.kernels.compact import CompactConfig, compact
 from rho_fused.kernels.select import SelectConfig, select
 
-from rho_fused.selection import keep_fraction, select_top
+from rho_fused.problem import keep_fraction
+from rho_fused.selection import select_top
 
 IGNORE = -100
 INF = float("inf")

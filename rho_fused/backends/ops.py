@@ -7,7 +7,7 @@ A fused backend (`chunked`, `triton`) supplies three plain functions over a `Los
     token_losses(p) -> ce [N]
 
 ``aux`` is what its backward needs from its forward (one tensor whose shape the backend names), and
-``g`` the upstream gradient of each token's term (`upstream`). `define` registers them as the
+``g`` the upstream gradient of each token's term (`rho_fused.problem.upstream`). `define` registers them as the
 operators ``rho_fused::<name>_loss``, ``<name>_loss_backward`` and ``<name>_token_losses``, with
 shape functions for tracing and the backward as their autograd formula. Inside an operator the
 code runs eagerly, whatever traces around it: torch.compile (``fullgraph=True`` included) sees one
@@ -23,25 +23,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..problem import LossProblem, SelectionStats, make_stats
+from ..problem import LossProblem, SelectionStats, make_stats, upstream
 from ..validation import check_values
 
 Forward = Callable[[LossProblem], tuple[Tensor, ...]]
 Backward = Callable[[LossProblem, Tensor, Tensor, Tensor, tuple[bool, bool, bool]], tuple[Tensor | None, ...]]
-
-
-def upstream(p: LossProblem, grad_loss: Tensor, n_kept: Tensor, dtype: torch.dtype) -> Tensor:
-    """``g``, the gradient of the loss with respect to each kept token's ``ce_i``, in ``dtype``.
-
-    ``"none"``: the upstream gradient of token ``i``, ``[N]``; ``"sum"``: the one upstream value,
-    ``[1]``; ``"mean"``: that value over the total kept count (on the device), ``[1]``.
-    """
-    grad_loss = grad_loss.to(dtype)
-    if p.reduction == "none":
-        return grad_loss.reshape(-1).contiguous()
-    if p.reduction == "sum":
-        return grad_loss.reshape(1)
-    return (grad_loss / n_kept.sum().clamp(min=1)).reshape(1)
 
 
 def _group_name(p: LossProblem) -> str | None:

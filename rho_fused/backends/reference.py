@@ -9,8 +9,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ..problem import LossProblem, SelectionStats, make_stats, reduce_loss
-from ..selection import keep_count
+from ..problem import LossProblem, SelectionStats, keep_count, make_stats, reduce_loss
 from ..validation import check_values
 
 

@@ -9,7 +9,7 @@ d weight and d bias (deterministic: no atomics).
 
 Every size the launches depend on is a shape; counts (valid rows, ``n_keep``, kept rows) stay on
 the device, so forward and backward run under CUDA graphs. ``scope="global"`` selects with
-`rho_fused.distributed` (torch ops and one all_reduce per radix digit) instead of the select
+`rho_fused.global_select` (torch ops and one all_reduce per radix digit) instead of the select
 kernel. Forward and backward are custom operators (`rho_fused.backends.ops`). On CPU the kernels
 run under ``TRITON_INTERPRET=1`` (how the tests prove them). fp64 inputs go to the chunked
 backend: the kernels accumulate in fp32, and the contract asks fp64.
@@ -32,8 +32,7 @@ from rho_fused.kernels.forward import forward as launch_forward
 from rho_fused.kernels.merge import merge
 from rho_fused.kernels.select import select
 
-from ..problem import LossProblem, SelectionStats, reduce_loss
-from ..selection import keep_count_int, keep_fraction
+from ..problem import LossProblem, SelectionStats, keep_count_int, keep_fraction, reduce_loss
 from ..selection import select as select_torch
 from . import chunked
 from .ops import define
@@ -81,7 +80,7 @@ def loss_forward(p: LossProblem) -> tuple[Tensor, ...]:
     with _on_device(p.hidden):
         ce, lse, excess = _forward(p)
         if p.scope == "global":
-            # Across ranks: the radix select of rho_fused.distributed, its histograms summed by
+            # Across ranks: the radix select of rho_fused.global_select, its histograms summed by
             # all_reduce between passes (torch ops on the device, no host read-back).
             kept, threshold, n_kept, n_valid = select_torch(p, excess, p.valid)
         else:
