@@ -171,6 +171,73 @@ def save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
         )
 
 
+def load_checkpoint(
+    path: Path | None, model: nn.Module, optimizer: torch.optim.Optimizer, cfg: TrainConfig
+) -> tuple[int, list[dict[str, float]]]:
+    """Restore the model, the optimizer and the RNG from ``path``; return the saved ``(step, history)``.
+
+    Refused unless the checkpoint was written with ``cfg`` (the fields of `TrainConfig.RESUMABLE`
+    aside): another config would not continue the same run.
+    """
+    if path is not None:
+        recover(path)  # a run killed while replacing its checkpoint left the previous one aside
+    if path is None or not (path / "state.pt").is_file():
+        raise FileNotFoundError(f"no checkpoint to resume from at {path}")
+    state = torch.load(path / "state.pt", map_location=next(model.parameters()).device, weights_only=False)
+    saved = {k: v for k, v in state["config"].items() if k not in TrainConfig.RESUMABLE}
+    wanted = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in TrainConfig.RESUMABLE}
+    if saved != wanted:
+        diff = {k: (saved.get(k), wanted.get(k)) for k in wanted if saved.get(k) != wanted.get(k)}
+        raise ValueError(f"cannot resume {path}: the config differs (saved, given): {diff}")
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["rng"])
+    return state["step"], state["history"]
+
+
+def check_run(data: Sequence[Any], cfg: TrainConfig, world: int) -> None:
+    """Refuse what `train` cannot do: SLM without ``ref_loss``, an unknown scope, a rank with no row."""
+    if cfg.keep_ratio < 1.0 and "ref_loss" not in data[0]:
+        raise ValueError(f"keep_ratio={cfg.keep_ratio} needs a scored dataset with 'ref_loss' (rho-fused score)")
+    if cfg.scope not in TRAIN_SCOPES:
+        raise ValueError(f"scope must be one of {TRAIN_SCOPES} (the global batch, or each row), got {cfg.scope!r}")
+    if cfg.batch_size < world:
+        raise ValueError(f"batch_size={cfg.batch_size} is smaller than the world size {world}: a rank would get no row")
+
+
+def global_kept_count(batches: Sequence[dict[str, torch.Tensor]], cfg: TrainConfig) -> int:
+    """The tokens the loss keeps over the micro-batches of a step, all ranks together.
+
+    Every rank holds the whole global batch, so it counts them alone: no collective.
+    """
+    scope = loss_scope(cfg.scope, 1)
+    return sum(kept_count(b["labels"], cfg.keep_ratio, scope=scope) for b in batches)
+
+
+@dataclass
+class StepTotals:
+    """What one optimizer step's micro-batches add up to: on this rank, then (`over_ranks`) on all."""
+
+    kept_ce: float = 0.0  # the summed cross-entropy of the kept tokens
+    all_ce: float = 0.0  # the summed cross-entropy of every scored token
+    tokens: int = 0  # tokens in the batch, padding excluded
+    kept: int = 0  # tokens the loss kept
+    threshold: float = math.inf  # the smallest kept excess
+
+    def add(self, loss: torch.Tensor, stats: Any, attention_mask: torch.Tensor) -> None:
+        """One micro-batch: its summed kept loss, `SelectionStats` and attention mask."""
+        self.kept_ce += float(loss.detach())
+        self.all_ce += float(stats.ce.sum())
+        self.tokens += int(attention_mask.sum())
+        self.kept += int(stats.kept.sum())
+        self.threshold = min(self.threshold, float(stats.threshold.detach().double().min()))
+
+    def over_ranks(self, device: torch.device) -> StepTotals:
+        """The totals of every rank (the sums summed, the threshold the smallest); every rank must call."""
+        kept_ce, all_ce, tokens, kept = sum_over_ranks([self.kept_ce, self.all_ce, self.tokens, self.kept], device)
+        return StepTotals(kept_ce, all_ce, int(tokens), int(kept), min_over_ranks(self.threshold, device))
+
+
 def train(
     model: nn.Module,
     data: Sequence[Any],
@@ -199,52 +266,24 @@ def train(
     batch: the same rows as on one process) is split into ``world`` contiguous shards, rank ``r``
     running shard ``r`` through `DistributedDataParallel`. ``scope="global"`` selects the top
     ``keep_ratio`` over the whole global micro-batch (on one process: the batch), ``"sequence"``
-    within each row. Each rank's summed kept loss is divided by the kept count of the whole accumulated
-    global batch and scaled by `rho_fused.ranks.ddp_sum_factor`: every rank then holds the gradient
-    one process computes, so clipping and the optimizer step are the same. Rank 0 alone shows a progress bar
-    and writes checkpoints; every rank resumes from them. ``batch_size`` must be at least ``world``.
+    within each row. Each rank's summed kept loss is divided by the kept count of the whole
+    accumulated global batch and scaled by `rho_fused.ranks.ddp_sum_factor`: every rank then holds
+    the gradient one process computes, so clipping and the optimizer step are the same. Rank 0
+    alone shows a progress bar and writes checkpoints; every rank resumes from them.
+    ``batch_size`` must be at least ``world``.
     """
-    if cfg.keep_ratio < 1.0 and "ref_loss" not in data[0]:
-        raise ValueError(f"keep_ratio={cfg.keep_ratio} needs a scored dataset with 'ref_loss' (rho-fused score)")
-    if cfg.scope not in TRAIN_SCOPES:
-        raise ValueError(
-            f"scope must be one of {TRAIN_SCOPES} (the global batch, or each row), got scope={cfg.scope!r}"
-        )
     rank, world = rank_and_world()
-    if cfg.batch_size < world:
-        raise ValueError(f"batch_size={cfg.batch_size} is smaller than the world size {world}: a rank would get no row")
+    check_run(data, cfg, world)
     ckpt = Path(out_dir) / CHECKPOINT if out_dir is not None else None
     device = next(model.parameters()).device
     optimizer = make_optimizer(model, cfg)
+    step, history = load_checkpoint(ckpt, model, optimizer, cfg) if resume else (0, [])
     order = BatchOrder(len(data), cfg.batch_size, cfg.seed)
-    step, history = 0, []
-    if resume:
-        if ckpt is not None:
-            recover(ckpt)  # a run killed while replacing its checkpoint left the previous one aside
-        if ckpt is None or not (ckpt / "state.pt").is_file():
-            raise FileNotFoundError(f"no checkpoint to resume from at {ckpt}")
-        state = torch.load(ckpt / "state.pt", map_location=device, weights_only=False)
-        saved = {k: v for k, v in state["config"].items() if k not in TrainConfig.RESUMABLE}
-        wanted = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in TrainConfig.RESUMABLE}
-        if saved != wanted:
-            diff = {k: (saved.get(k), wanted.get(k)) for k in wanted if saved.get(k) != wanted.get(k)}
-            raise ValueError(f"cannot resume {ckpt}: the config differs (saved, given): {diff}")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["rng"])
-        step, history = state["step"], state["history"]
-
-    def checkpoint() -> None:
-        if ckpt is not None and rank == 0:
-            save_checkpoint(ckpt, model, optimizer, {"step": step, "history": history,
-                                                     "config": dataclasses.asdict(cfg)})  # fmt: skip
-        barrier()  # the checkpoint is complete before any rank goes on
-
-    scope = loss_scope(cfg.scope, world)
-    count_scope = loss_scope(cfg.scope, 1)  # every rank counts the kept tokens on the whole global batch
-    objective = SelectiveObjective(model, keep_ratio=cfg.keep_ratio, scope=scope, backend=cfg.backend)
+    objective = SelectiveObjective(
+        model, keep_ratio=cfg.keep_ratio, scope=loss_scope(cfg.scope, world), backend=cfg.backend
+    )
     net = wrap_for_ranks(objective, world)
-    lo, hi = shard_bounds(cfg.batch_size, rank, world)
+    shard = slice(*shard_bounds(cfg.batch_size, rank, world))
     model.train()
     bar = tqdm(total=cfg.steps, initial=step, desc=desc, unit="step", disable=not progress or rank != 0)
     t0, tokens = time.perf_counter(), 0
@@ -256,27 +295,23 @@ def train(
 
         # forward and backward over the micro-batches; the summed loss of each is divided by the
         # number of tokens kept in the whole accumulated (global) batch, so neither accumulation
-        # nor the number of ranks changes the gradient. Every rank counts it on the global batch.
+        # nor the number of ranks changes the gradient
         batches = [pad_batch([data[i] for i in order.indices(step * cfg.accum_steps + m)])
                    for m in range(cfg.accum_steps)]  # fmt: skip
-        n_keep = sum(kept_count(b["labels"], cfg.keep_ratio, scope=count_scope) for b in batches)
+        n_keep = global_kept_count(batches, cfg)
         n_valid = sum(valid_count(b["labels"]) for b in batches)
-        sums = torch.zeros(4, dtype=torch.float64)  # this rank's kept ce, all ce, tokens, kept tokens
-        threshold = torch.tensor(math.inf, dtype=torch.float64)
+        totals = StepTotals()
         for m, full in enumerate(batches):
-            b = {k: v[lo:hi].to(device) for k, v in full.items()}  # this rank's shard
+            b = {k: v[shard].to(device) for k, v in full.items()}  # this rank's shard
             sync = world > 1 and m < cfg.accum_steps - 1  # DDP all-reduces on the last micro-batch only
             with net.no_sync() if sync else contextlib.nullcontext():
                 loss, stats = net(b["input_ids"], b["labels"], b["attention_mask"], b.get("ref_loss"))
                 (loss * (ddp_sum_factor(world) / max(n_keep, 1))).backward()
-            mine = [loss.detach(), stats.ce.sum(), b["attention_mask"].sum(), stats.kept.sum()]
-            sums += torch.tensor([float(x) for x in mine], dtype=torch.float64)
-            threshold = torch.minimum(threshold, stats.threshold.detach().double().min().cpu())
-        sums = sum_over_ranks(sums.tolist(), device)
-        threshold = min_over_ranks(float(threshold), device)
-        tokens += int(sums[2])
-        if int(sums[3]) != n_keep:  # the tokens the loss kept, over all ranks, against the count it was divided by
-            raise RuntimeError(f"step {step}: the loss kept {int(sums[3])} tokens, {n_keep} were expected")
+            totals.add(loss, stats, b["attention_mask"])
+        totals = totals.over_ranks(device)
+        tokens += totals.tokens
+        if totals.kept != n_keep:  # the tokens the loss kept, over all ranks, against the count it was divided by
+            raise RuntimeError(f"step {step}: the loss kept {totals.kept} tokens, {n_keep} were expected")
 
         # clip, step, clear (every rank holds the same, globally summed gradient)
         grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
@@ -286,20 +321,23 @@ def train(
 
         # log, evaluate, checkpoint
         last = step == cfg.steps or step == stop_at
-        if step % cfg.log_every == 0 or last or (cfg.eval_every and step % cfg.eval_every == 0):
-            dt = time.perf_counter() - t0
-            entry = {"step": step, "loss": float(sums[0]) / max(n_keep, 1),
-                     "loss_all": float(sums[1]) / max(n_valid, 1), "kept": n_keep / max(n_valid, 1),
-                     "threshold": float(threshold), "lr": lr,
-                     "grad_norm": grad_norm, "tok_per_s": tokens / max(dt, 1e-9)}  # fmt: skip
-            if eval_data is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps):
+        eval_now = bool(cfg.eval_every) and step % cfg.eval_every == 0
+        if step % cfg.log_every == 0 or last or eval_now:
+            entry = {"step": step, "loss": totals.kept_ce / max(n_keep, 1),
+                     "loss_all": totals.all_ce / max(n_valid, 1), "kept": n_keep / max(n_valid, 1),
+                     "threshold": totals.threshold, "lr": lr, "grad_norm": grad_norm,
+                     "tok_per_s": tokens / max(time.perf_counter() - t0, 1e-9)}  # fmt: skip
+            if eval_data is not None and (eval_now or step == cfg.steps):
                 entry["eval_loss"] = evaluate(model, eval_data, batch_size=cfg.batch_size, backend=cfg.backend)
             history.append(entry)
             bar.set_postfix({k: f"{entry[k]:.3g}" for k in ("loss", "kept", "threshold", "tok_per_s", "eval_loss")
                              if k in entry})  # fmt: skip
         bar.update(1)
         if last or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
-            checkpoint()
+            if ckpt is not None and rank == 0:
+                save_checkpoint(ckpt, model, optimizer, {"step": step, "history": history,
+                                                         "config": dataclasses.asdict(cfg)})  # fmt: skip
+            barrier()  # the checkpoint is complete before any rank goes on
         if step == stop_at:
             break
     bar.close()
