@@ -80,10 +80,18 @@ def fused_selective_loss(
     Returns the loss, or ``(loss, SelectionStats)`` with ``return_stats=True``.
     """
     problem = make_problem(
-        hidden, weight, targets, ref_loss,
-        keep_ratio=keep_ratio, bias=bias, ignore_index=ignore_index,
-        reduction=reduction, scope=scope, softcap=softcap, group=group,
-    )  # fmt: skip
+        hidden,
+        weight,
+        targets,
+        ref_loss,
+        keep_ratio=keep_ratio,
+        bias=bias,
+        ignore_index=ignore_index,
+        reduction=reduction,
+        scope=scope,
+        softcap=softcap,
+        group=group,
+    )
     loss, stats = backends.resolve(backend, hidden.device).selective_loss(problem)
     return (loss, stats) if return_stats else loss
 
@@ -105,10 +113,17 @@ def linear_cross_entropy(
     0 at ignored tokens.
     """
     return fused_selective_loss(
-        hidden, weight, targets, None,
-        keep_ratio=1.0, bias=bias, ignore_index=ignore_index,
-        reduction=reduction, softcap=softcap, backend=backend,
-    )  # fmt: skip
+        hidden,
+        weight,
+        targets,
+        None,
+        keep_ratio=1.0,
+        bias=bias,
+        ignore_index=ignore_index,
+        reduction=reduction,
+        softcap=softcap,
+        backend=backend,
+    )
 
 
 def token_losses(
@@ -126,10 +141,17 @@ def token_losses(
     fp32, 0 at ignored tokens, no autograd graph: how a reference model scores a corpus.
     """
     problem = make_problem(
-        hidden, weight, targets, None,
-        keep_ratio=1.0, bias=bias, ignore_index=ignore_index,
-        reduction="none", scope="batch", softcap=softcap,
-    )  # fmt: skip
+        hidden,
+        weight,
+        targets,
+        None,
+        keep_ratio=1.0,
+        bias=bias,
+        ignore_index=ignore_index,
+        reduction="none",
+        scope="batch",
+        softcap=softcap,
+    )
     with torch.no_grad():
         ce = backends.resolve(backend, hidden.device).token_losses(problem)
     return ce.reshape(problem.shape)
@@ -172,11 +194,20 @@ class SelectiveLMLoss(nn.Module):
         return_stats: bool = False,
     ) -> Tensor | tuple[Tensor, SelectionStats]:
         return fused_selective_loss(
-            hidden, weight, targets, ref_loss,
-            keep_ratio=self.keep_ratio, bias=bias, ignore_index=self.ignore_index,
-            reduction=self.reduction, scope=self.scope, softcap=self.softcap,
-            backend=self.backend, return_stats=return_stats, group=self.group,
-        )  # fmt: skip
+            hidden,
+            weight,
+            targets,
+            ref_loss,
+            keep_ratio=self.keep_ratio,
+            bias=bias,
+            ignore_index=self.ignore_index,
+            reduction=self.reduction,
+            scope=self.scope,
+            softcap=self.softcap,
+            backend=self.backend,
+            return_stats=return_stats,
+            group=self.group,
+        )
 
     def extra_repr(self) -> str:
         return (

@@ -55,10 +55,20 @@ def _problem(
     if group_name is not None:
         group = torch.distributed.distributed_c10d._resolve_process_group(group_name)
     return LossProblem(
-        hidden=hidden, weight=weight, bias=bias, targets=targets, ref_loss=ref_loss, shape=targets.shape,
-        scope=scope, groups=groups, keep_ratio=keep_ratio, ignore_index=ignore_index, reduction=reduction,
-        softcap=softcap, group=group,
-    )  # fmt: skip
+        hidden=hidden,
+        weight=weight,
+        bias=bias,
+        targets=targets,
+        ref_loss=ref_loss,
+        shape=targets.shape,
+        scope=scope,
+        groups=groups,
+        keep_ratio=keep_ratio,
+        ignore_index=ignore_index,
+        reduction=reduction,
+        softcap=softcap,
+        group=group,
+    )
 
 
 @dataclass(frozen=True)
@@ -70,9 +80,19 @@ class FusedBackend:
 
     def selective_loss(self, p: LossProblem) -> tuple[Tensor, SelectionStats]:
         loss, ce, excess, kept, threshold, n_kept, n_valid, _aux = self.loss_op(
-            p.hidden, p.weight, p.bias, p.targets, p.ref_loss,
-            p.keep_ratio, p.ignore_index, p.reduction, p.scope, p.groups, p.softcap, _group_name(p),
-        )  # fmt: skip
+            p.hidden,
+            p.weight,
+            p.bias,
+            p.targets,
+            p.ref_loss,
+            p.keep_ratio,
+            p.ignore_index,
+            p.reduction,
+            p.scope,
+            p.groups,
+            p.softcap,
+            _group_name(p),
+        )
         loss = loss.view(p.shape) if p.reduction == "none" else loss
         return loss, make_stats(p, ce, excess, kept, threshold, n_kept, n_valid)
 
@@ -100,9 +120,19 @@ def define(name: str, forward: Forward, backward: Backward, token_losses: Callab
         group_name: str | None,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
         p = _problem(
-            hidden, weight, bias, targets, ref_loss, keep_ratio, ignore_index, reduction, scope, groups, softcap,
+            hidden,
+            weight,
+            bias,
+            targets,
+            ref_loss,
+            keep_ratio,
+            ignore_index,
+            reduction,
+            scope,
+            groups,
+            softcap,
             group_name,
-        )  # fmt: skip
+        )
         check_values(p)
         with torch.autocast(hidden.device.type, enabled=False):
             return tuple(forward(p))

@@ -99,9 +99,18 @@ def loss_backward(
     with _on_device(p.hidden):
         kept_rows, kept_count = compact(kept)
         return launch_backward(
-            p.hidden, p.weight, p.bias, p.targets, lse, g, kept_rows, kept_count, p.softcap, needs,
+            p.hidden,
+            p.weight,
+            p.bias,
+            p.targets,
+            lse,
+            g,
+            kept_rows,
+            kept_count,
+            p.softcap,
+            needs,
             capacity=kept_capacity(p),
-        )  # fmt: skip
+        )
 
 
 def _token_losses(p: LossProblem) -> Tensor:
