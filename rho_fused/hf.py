@@ -11,8 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from .loss import fused_selective_loss
-from .problem import SelectionStats
-from .selection import keep_count_int
+from .problem import SelectionStats, keep_count_int
 from .validation import SCOPES
 
 

@@ -26,8 +26,8 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .data import pad_batch
 from .hf import causal_lm_loss, kept_count, valid_count
+from .problem import keep_count_int
 from .ranks import ddp_sum_factor, loss_scope, rank_and_world, sum_over_ranks
-from .selection import keep_count_int
 from .validation import SCOPES
 
 
