@@ -1,6 +1,29 @@
 """rho-fused: the Rho-1 Selective Language Modeling loss, fused with the LM head.
 
-The loss contract is the docstring of `fused_selective_loss`.
+The loss contract is the docstring of `fused_selective_loss`. The modules, from the loss down to
+the kernels, then the training pipeline built on the public API:
+
+    loss           the public loss functions; `fused_selective_loss` holds the contract
+    validation     the checks of every entry point's arguments, into a `LossProblem`; SCOPES, REDUCTIONS
+    problem        `LossProblem` (one validated call), `SelectionStats`, reduction and keep-count arithmetic
+    selection      exact top-k by excess within the whole call or each sequence (the PyTorch backends)
+    global_select  exact top-k over every rank of a process group (scope="global"), by radix histograms
+    backends/      `resolve` a backend by name (BACKENDS); each computes the contract:
+      reference    the oracle: the contract transcribed, full fp32 logits, autograd
+      chunked      pure PyTorch in tiles, never the full logits; backward on kept rows only
+      triton       the fused Triton kernels, five launches, no host synchronisation
+      ops          the fused backends as torch custom operators (opaque to torch.compile)
+    kernels        the Triton kernels, one per file with its launcher (kernels/ in the tree, installed here)
+    hf             a Hugging Face causal LM's loss without its logits (`causal_lm_loss`, `kept_count`)
+    hf_trainer     `SelectiveTrainer`: `transformers.Trainer` with the fused selective loss
+    train_loop     the minimal training loop behind `rho-fused train` (`train`, `TrainConfig`, `evaluate`)
+    ranks          data-parallel runs: rank and world, torchrun's process group, shards, the DDP scaling rule
+    scoring        a corpus scored by a reference model: the per-token `ref_loss` dataset and its fingerprints
+    data           corpora in and batches out: reading, tokenizing, packing, padding
+    atomic         atomic writes: an output appears complete under its name, or not at all
+    champ          the demo's corpus, from the champ-dataset package
+    demo           `rho-fused demo`: the whole pipeline on CPU, CLM against SLM
+    cli            the `rho-fused` command: score, train, demo (also `python -m rho_fused`)
 """
 
 from .hf import causal_lm_loss

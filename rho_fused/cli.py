@@ -60,7 +60,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     from .atomic import write_json
     from .scoring import load_scored
-    from .training import TrainConfig, save_model, train
+    from .train_loop import TrainConfig, save_model, train
 
     tokenizer = _tokenizer(args.tokenizer, args.model, args.config)
     data, meta = load_scored(args.data, tokenizer)  # refuses a corpus scored with another tokenizer
@@ -113,7 +113,7 @@ class _ShowDefaults(argparse.ArgumentDefaultsHelpFormatter):
 
 def build_parser() -> argparse.ArgumentParser:
     from .backends import BACKENDS
-    from .training import TRAIN_SCOPES, TrainConfig
+    from .train_loop import TRAIN_SCOPES, TrainConfig
 
     parser = argparse.ArgumentParser(
         prog="rho-fused", description="Rho-1 selective language modelling: score a corpus, train, run the demo."

@@ -6,7 +6,7 @@
 3. Train a tiny Llama reference model on the human-written training text.
 4. Score the noisy corpus with it (`rho_fused.scoring`: per-token ``ref_loss``, no logits).
 5. From one initialisation, train plain causal LM (keep 1.0) and SLM (keep 0.6) for the same
-   steps on the same batches of the noisy corpus (`rho_fused.training`).
+   steps on the same batches of the noisy corpus (`rho_fused.train_loop`).
 6. Evaluate both on the held-out human-written solutions (and on held-out model-written text);
    print a table; write ``metrics.json``, ``loss_curves.png`` and ``tokens.html`` to ``--out``.
 """
@@ -30,7 +30,7 @@ from .champ import load_champ
 from .data import pack_texts, split_rows
 from .hf import causal_lm_loss
 from .scoring import load_scored, score_corpus
-from .training import TrainConfig, evaluate, save_model, train
+from .train_loop import TrainConfig, evaluate, save_model, train
 
 
 @dataclass(frozen=True)

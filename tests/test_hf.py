@@ -204,7 +204,7 @@ def test_trainer_normalises_accumulation_by_kept_tokens(tmp_path, average_over_a
     import datasets
     from transformers import TrainingArguments
 
-    from rho_fused.trainer import SelectiveTrainer
+    from rho_fused.hf_trainer import SelectiveTrainer
 
     rows = random_rows(4, 50, lengths=(4, 15), seed=5)
     ds = datasets.Dataset.from_list([{k: v.tolist() for k, v in r.items()} for r in rows])
@@ -236,7 +236,7 @@ def test_trainer_evaluates_plain_loss_and_keeps_ref_loss_column(tmp_path) -> Non
     from transformers import TrainingArguments
 
     from rho_fused.data import pad_batch
-    from rho_fused.trainer import SelectiveTrainer
+    from rho_fused.hf_trainer import SelectiveTrainer
 
     rows = random_rows(3, 50, lengths=(6, 12), seed=6)
     ds = datasets.Dataset.from_list([{k: v.tolist() for k, v in r.items()} for r in rows])
@@ -256,7 +256,7 @@ def test_trainer_refuses_slm_without_ref_loss(tmp_path) -> None:
     import datasets
     from transformers import TrainingArguments
 
-    from rho_fused.trainer import SelectiveTrainer
+    from rho_fused.hf_trainer import SelectiveTrainer
 
     rows = random_rows(2, 50, seed=7, ref=False)
     ds = datasets.Dataset.from_list([{k: v.tolist() for k, v in r.items()} for r in rows])
@@ -272,7 +272,7 @@ def test_trainer_global_scope_on_one_process_is_batch_scope(tmp_path) -> None:
     import datasets
     from transformers import TrainingArguments
 
-    from rho_fused.trainer import SelectiveTrainer
+    from rho_fused.hf_trainer import SelectiveTrainer
 
     rows = random_rows(4, 50, lengths=(4, 15), seed=8)
     ds = datasets.Dataset.from_list([{k: v.tolist() for k, v in r.items()} for r in rows])

@@ -132,7 +132,7 @@ from pipeline_fixtures import random_rows, tiny_llama
 
 from rho_fused.data import pad_batch
 from rho_fused.hf import kept_count
-from rho_fused.trainer import SelectiveTrainer
+from rho_fused.hf_trainer import SelectiveTrainer
 
 out = Path(sys.argv[1])
 rows = random_rows(4, 50, lengths=(4, 15), seed=5)

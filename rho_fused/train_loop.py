@@ -1,4 +1,6 @@
-"""The training loop: plain causal LM (``keep_ratio=1``) or SLM, on a Hugging Face causal LM.
+"""The minimal training loop behind ``rho-fused train``: plain causal LM (``keep_ratio=1``) or SLM.
+
+It trains a Hugging Face causal LM; `rho_fused.hf_trainer` does the same inside `transformers.Trainer`.
 
 AdamW, linear warm-up then cosine decay to ``min_lr``, gradient clipping, gradient accumulation
 normalised by the tokens kept over the whole accumulated batch, a seed that fixes the data order.

@@ -10,7 +10,7 @@ import torch
 from pipeline_fixtures import TEXTS, make_tokenizer, one_thread, random_rows, tiny_llama
 
 from rho_fused.cli import main
-from rho_fused.training import TrainConfig, lr_at, train
+from rho_fused.train_loop import TrainConfig, lr_at, train
 
 VOCAB = 60
 
