@@ -41,10 +41,16 @@ def cmd_score(args: argparse.Namespace) -> int:
     model.to(local_device(args.device))
     rows = corpus_rows(load_corpus(args.corpus), tokenizer, args.seq_len, text_column=args.text_column)
     meta = score_corpus(
-        model, tokenizer, rows, args.out,
-        seq_len=args.seq_len, batch_size=args.batch_size, backend=args.backend,
-        overwrite=args.overwrite, progress=not args.no_progress,
-    )  # fmt: skip
+        model,
+        tokenizer,
+        rows,
+        args.out,
+        seq_len=args.seq_len,
+        batch_size=args.batch_size,
+        backend=args.backend,
+        overwrite=args.overwrite,
+        progress=not args.no_progress,
+    )
     print_on_rank_zero(
         f"scored {meta['n_sequences']} sequences ({meta['n_tokens']} tokens) -> {args.out}; "
         f"mean ref_loss {meta['mean_ref_loss']:.4f}; tokenizer {meta['tokenizer_fingerprint']}, "
@@ -77,9 +83,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
     out = Path(args.out)
     history = train(
-        model, data, cfg, out_dir=out, eval_data=eval_data,
-        resume=args.resume, stop_at=args.stop_at, progress=not args.no_progress,
-    )  # fmt: skip
+        model,
+        data,
+        cfg,
+        out_dir=out,
+        eval_data=eval_data,
+        resume=args.resume,
+        stop_at=args.stop_at,
+        progress=not args.no_progress,
+    )
     if args.rank != 0:
         return 0  # every rank holds the same weights and history: rank 0 writes them
     write_json(out / "history.json", history)
@@ -89,8 +101,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     info = {"config": dataclasses.asdict(cfg), "data": str(args.data), "scored": meta}
     save_model(model, tokenizer, out / "model", extra=info)
     last = history[-1] if history else {}
-    print(f"trained {cfg.steps} steps -> {out / 'model'}; last log: "
-          + ", ".join(f"{k} {v:.4g}" for k, v in last.items()))  # fmt: skip
+    summary = ", ".join(f"{k} {v:.4g}" for k, v in last.items())
+    print(f"trained {cfg.steps} steps -> {out / 'model'}; last log: {summary}")
     return 0
 
 

@@ -55,9 +55,18 @@ class DemoConfig:
 
 DEFAULT = DemoConfig()
 QUICK = DemoConfig(
-    vocab_size=512, seq_len=64, hidden=64, layers=1, heads=2, batch_size=8,
-    ref_steps=40, steps=60, eval_every=20, tokenizer_docs=300, model_eval_docs=40,
-)  # fmt: skip
+    vocab_size=512,
+    seq_len=64,
+    hidden=64,
+    layers=1,
+    heads=2,
+    batch_size=8,
+    ref_steps=40,
+    steps=60,
+    eval_every=20,
+    tokenizer_docs=300,
+    model_eval_docs=40,
+)
 
 
 def train_tokenizer(texts: list[str], vocab_size: int) -> Any:
@@ -69,9 +78,11 @@ def train_tokenizer(texts: list[str], vocab_size: int) -> Any:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
-    )  # fmt: skip
+        vocab_size=vocab_size,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(texts, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
 
@@ -81,11 +92,18 @@ def tiny_llama(cfg: DemoConfig, vocab_size: int, seed: int) -> Any:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
-        vocab_size=vocab_size, hidden_size=cfg.hidden, intermediate_size=cfg.hidden * 8 // 3 // 16 * 16,
-        num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads, num_key_value_heads=cfg.heads,
-        max_position_embeddings=cfg.seq_len, tie_word_embeddings=True, bos_token_id=None,
-        eos_token_id=0, pad_token_id=0,
-    )  # fmt: skip
+        vocab_size=vocab_size,
+        hidden_size=cfg.hidden,
+        intermediate_size=cfg.hidden * 8 // 3 // 16 * 16,
+        num_hidden_layers=cfg.layers,
+        num_attention_heads=cfg.heads,
+        num_key_value_heads=cfg.heads,
+        max_position_embeddings=cfg.seq_len,
+        tie_word_embeddings=True,
+        bos_token_id=None,
+        eos_token_id=0,
+        pad_token_id=0,
+    )
     torch.manual_seed(seed)
     return LlamaForCausalLM(config)
 
@@ -114,8 +132,9 @@ def token_page(model: Any, tokenizer: Any, rows: list[dict[str, np.ndarray]], ke
     batch_ids = torch.as_tensor(np.stack([r["input_ids"] for r in rows]), dtype=torch.long)
     ref = torch.as_tensor(np.stack([r["ref_loss"] for r in rows]), dtype=torch.float32)
     with torch.no_grad():
-        _, stats = causal_lm_loss(model.eval(), batch_ids, batch_ids, ref_loss=ref, keep_ratio=keep_ratio,
-                                  scope="sequence", return_stats=True)  # fmt: skip
+        _, stats = causal_lm_loss(
+            model.eval(), batch_ids, batch_ids, ref_loss=ref, keep_ratio=keep_ratio, scope="sequence", return_stats=True
+        )
     scale = float(stats.excess.abs().quantile(0.95)) or 1.0
     parts = [
         "<!doctype html><meta charset='utf-8'><title>rho-fused demo: kept and dropped tokens</title>",
@@ -218,11 +237,20 @@ def run_demo(
 
         # 4. score the noisy corpus (then read it back, checking the tokenizer's fingerprint)
         t = time.perf_counter()
-        score_corpus(reference, tokenizer, noisy_rows, out / "scored", seq_len=cfg.seq_len,
-                     batch_size=32, overwrite=True, progress=progress)  # fmt: skip
+        score_corpus(
+            reference,
+            tokenizer,
+            noisy_rows,
+            out / "scored",
+            seq_len=cfg.seq_len,
+            batch_size=32,
+            overwrite=True,
+            progress=progress,
+        )
         scored, meta = load_scored(out / "scored", tokenizer)
-        scored_rows = [{"input_ids": scored[i]["input_ids"], "ref_loss": scored[i]["ref_loss"]}
-                       for i in range(len(scored))]  # fmt: skip
+        scored_rows = [
+            {"input_ids": scored[i]["input_ids"], "ref_loss": scored[i]["ref_loss"]} for i in range(len(scored))
+        ]
         lap("scoring", t)
 
         # 5-6. CLM and SLM from the same initialisation, the same batches; evaluation
@@ -233,8 +261,15 @@ def run_demo(
             t = time.perf_counter()
             model = copy.deepcopy(init)
             run_cfg = replace(train_cfg, keep_ratio=keep)
-            hist = train(model, scored_rows, run_cfg, out_dir=out / "runs" / name.split()[0],
-                         eval_data=eval_rows, progress=progress, desc=name)  # fmt: skip
+            hist = train(
+                model,
+                scored_rows,
+                run_cfg,
+                out_dir=out / "runs" / name.split()[0],
+                eval_data=eval_rows,
+                progress=progress,
+                desc=name,
+            )
             runs[name] = hist
             results[name] = {
                 "keep_ratio": keep,
@@ -276,7 +311,7 @@ def run_demo(
             "noisy_train_tokens": int(meta["n_tokens"]),
             "held_out_human_tokens": int(sum(len(r["input_ids"]) for r in eval_rows)),
             "held_out_model_written_tokens": int(sum(len(r["input_ids"]) for r in model_eval_rows)),
-        },  # fmt: skip
+        },
         "reference": {
             "held_out_human_loss": ref_eval,
             "held_out_model_written_loss": ref_model_eval,

@@ -140,10 +140,19 @@ def causal_lm_loss(
     targets = next_token_targets(labels.to(hidden.device), ignore_index)
     shifted_ref = None if ref_loss is None else shift_left(ref_loss.to(hidden.device, torch.float32), 0.0)
     out = fused_selective_loss(
-        hidden, weight, targets, shifted_ref,
-        keep_ratio=keep_ratio, bias=bias, ignore_index=ignore_index, reduction=reduction,
-        scope=scope, softcap=softcap, backend=backend, return_stats=return_stats,
-    )  # fmt: skip
+        hidden,
+        weight,
+        targets,
+        shifted_ref,
+        keep_ratio=keep_ratio,
+        bias=bias,
+        ignore_index=ignore_index,
+        reduction=reduction,
+        scope=scope,
+        softcap=softcap,
+        backend=backend,
+        return_stats=return_stats,
+    )
     if not return_stats:
         return out
     loss, stats = out

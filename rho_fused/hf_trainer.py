@@ -152,10 +152,17 @@ class SelectiveTrainer(Trainer):
 
         def loss_fn() -> torch.Tensor:
             return causal_lm_loss(
-                unwrapped, input_ids, labels, attention_mask=attention_mask,
-                ref_loss=ref_loss if keep < 1.0 else None, keep_ratio=keep, scope=scope,
-                backend=self.backend, reduction="sum" if normalise else "mean", **inputs,
-            )  # fmt: skip
+                unwrapped,
+                input_ids,
+                labels,
+                attention_mask=attention_mask,
+                ref_loss=ref_loss if keep < 1.0 else None,
+                keep_ratio=keep,
+                scope=scope,
+                backend=self.backend,
+                reduction="sum" if normalise else "mean",
+                **inputs,
+            )
 
         loss = run_as_forward(model, unwrapped, loss_fn)
         if normalise:

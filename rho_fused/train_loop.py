@@ -51,6 +51,7 @@ from .validation import SCOPES
 TRAIN_SCOPES = tuple(s for s in SCOPES if s != "batch")
 
 CHECKPOINT = "checkpoint"
+BAR_FIELDS = ("loss", "kept", "threshold", "tok_per_s", "eval_loss")  # the log entries the progress bar shows
 
 
 @dataclass
@@ -98,10 +99,17 @@ class SelectiveObjective(nn.Module):
         self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor, ref_loss: torch.Tensor | None
     ) -> tuple[torch.Tensor, Any]:
         return causal_lm_loss(
-            self.model, input_ids, labels, attention_mask=attention_mask,
-            ref_loss=ref_loss if self.keep_ratio < 1.0 else None, keep_ratio=self.keep_ratio,
-            scope=self.scope, backend=self.backend, reduction="sum", return_stats=True,
-        )  # fmt: skip
+            self.model,
+            input_ids,
+            labels,
+            attention_mask=attention_mask,
+            ref_loss=ref_loss if self.keep_ratio < 1.0 else None,
+            keep_ratio=self.keep_ratio,
+            scope=self.scope,
+            backend=self.backend,
+            reduction="sum",
+            return_stats=True,
+        )
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -156,8 +164,10 @@ def evaluate(model: nn.Module, rows: Sequence[Any], *, batch_size: int = 16, bac
     for start in range(rank * batch_size, len(rows), batch_size * world):
         b = pad_batch([rows[i] for i in range(start, min(start + batch_size, len(rows)))], with_ref_loss=False)
         b = {k: v.to(device) for k, v in b.items()}
-        total += float(causal_lm_loss(model, b["input_ids"], b["labels"], attention_mask=b["attention_mask"],
-                                      reduction="sum", backend=backend))  # fmt: skip
+        loss = causal_lm_loss(
+            model, b["input_ids"], b["labels"], attention_mask=b["attention_mask"], reduction="sum", backend=backend
+        )
+        total += float(loss)
         count += valid_count(b["labels"])
     model.train(was_training)
     total, count = sum_over_ranks([total, count], device)
@@ -298,8 +308,9 @@ def train(
         # forward and backward over the micro-batches; the summed loss of each is divided by the
         # number of tokens kept in the whole accumulated (global) batch, so neither accumulation
         # nor the number of ranks changes the gradient
-        batches = [pad_batch([data[i] for i in order.indices(step * cfg.accum_steps + m)])
-                   for m in range(cfg.accum_steps)]  # fmt: skip
+        batches = [
+            pad_batch([data[i] for i in order.indices(step * cfg.accum_steps + m)]) for m in range(cfg.accum_steps)
+        ]
         n_keep = global_kept_count(batches, cfg)
         n_valid = sum(valid_count(b["labels"]) for b in batches)
         totals = StepTotals()
@@ -325,20 +336,25 @@ def train(
         last = step == cfg.steps or step == stop_at
         eval_now = bool(cfg.eval_every) and step % cfg.eval_every == 0
         if step % cfg.log_every == 0 or last or eval_now:
-            entry = {"step": step, "loss": totals.kept_ce / max(n_keep, 1),
-                     "loss_all": totals.all_ce / max(n_valid, 1), "kept": n_keep / max(n_valid, 1),
-                     "threshold": totals.threshold, "lr": lr, "grad_norm": grad_norm,
-                     "tok_per_s": tokens / max(time.perf_counter() - t0, 1e-9)}  # fmt: skip
+            entry = {
+                "step": step,
+                "loss": totals.kept_ce / max(n_keep, 1),
+                "loss_all": totals.all_ce / max(n_valid, 1),
+                "kept": n_keep / max(n_valid, 1),
+                "threshold": totals.threshold,
+                "lr": lr,
+                "grad_norm": grad_norm,
+                "tok_per_s": tokens / max(time.perf_counter() - t0, 1e-9),
+            }
             if eval_data is not None and (eval_now or step == cfg.steps):
                 entry["eval_loss"] = evaluate(model, eval_data, batch_size=cfg.batch_size, backend=cfg.backend)
             history.append(entry)
-            bar.set_postfix({k: f"{entry[k]:.3g}" for k in ("loss", "kept", "threshold", "tok_per_s", "eval_loss")
-                             if k in entry})  # fmt: skip
+            bar.set_postfix({k: f"{entry[k]:.3g}" for k in BAR_FIELDS if k in entry})
         bar.update(1)
         if last or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
             if ckpt is not None and rank == 0:
-                save_checkpoint(ckpt, model, optimizer, {"step": step, "history": history,
-                                                         "config": dataclasses.asdict(cfg)})  # fmt: skip
+                state = {"step": step, "history": history, "config": dataclasses.asdict(cfg)}
+                save_checkpoint(ckpt, model, optimizer, state)
             barrier()  # the checkpoint is complete before any rank goes on
         if step == stop_at:
             break

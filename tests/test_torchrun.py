@@ -162,8 +162,8 @@ torch.distributed.destroy_process_group()
 def test_torchrun_selective_trainer_global_scope_syncs_and_matches_one_process(tmp_path: Path) -> None:
     """Trainer + DDP on 2 processes: the step equals the 1-process gradient of the 4 rows, on both ranks.
 
-    The loss runs through the DDP wrapper; calling the unwrapped model's body instead (what the
-    Trainer integration first did) leaves each rank with its own gradient: the ranks then differ.
+    The loss runs through the DDP wrapper; calling the unwrapped model's body instead would leave
+    each rank with its own gradient: the ranks would then differ.
     """
     from pipeline_fixtures import random_rows
 
