@@ -68,8 +68,8 @@ def fused_selective_loss(
     Value checks: targets outside ``[0, V)`` and non-finite ``ref_loss`` at valid tokens raise
     ``ValueError``. They read values back to the host (one synchronisation per call) and run inside
     the backend's operator, under ``torch.compile`` too; they are skipped while a CUDA graph is
-    captured, and everywhere when ``rho_fused.validation.CHECK_VALUES`` is False. Forward and
-    backward read nothing else back: they run under CUDA graphs, and ``torch.compile`` traces a
+    captured, and everywhere when ``rho_fused.validation.CHECK_VALUES`` is False. The triton
+    backend's forward and backward read nothing else back: they run under CUDA graphs. ``torch.compile`` traces a
     call with ``fullgraph=True`` on the ``chunked`` and ``triton`` backends (one custom operator
     each; the ``reference`` backend sorts on the host and breaks the graph).
 

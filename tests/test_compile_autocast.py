@@ -124,3 +124,22 @@ def test_autocast_leaves_fp64_alone():
     expected, _ = _loss_and_grads(_slm, case, backend="chunked")
     assert loss.dtype == torch.float64 and grads[0].dtype == torch.float64
     torch.testing.assert_close(loss, expected, rtol=0, atol=0)
+
+
+@pytest.mark.usefixtures("small_blocks")
+@pytest.mark.parametrize("backend", ["chunked", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("scope,reduction", [("batch", "mean"), ("sequence", "none")])
+def test_operators_pass_opcheck(backend, dtype, scope, reduction):
+    """``torch.library.opcheck``: the shape functions (what torch.compile traces with) give the real
+    outputs' shapes and dtypes, the schema is right, and autograd is registered as it should be."""
+    rho_fused.backends.resolve(backend, torch.device("cpu"))  # the operators exist once imported
+    case = _inputs(backend, seed=5, dtype=dtype)
+    y, r = case.targets.reshape(-1), case.ref_loss.reshape(-1)
+    h = case.hidden.detach().reshape(-1, case.hidden.shape[-1]).requires_grad_()
+    args = (h, case.weight, case.bias, y, r, 0.6, -100, reduction, scope, 3 if scope == "sequence" else 1, None, None)
+    torch.library.opcheck(getattr(torch.ops.rho_fused, f"{backend}_loss").default, args)
+    torch.library.opcheck(
+        getattr(torch.ops.rho_fused, f"{backend}_token_losses").default,
+        (h.detach(), case.weight.detach(), None, y, -100, 2.0),
+    )

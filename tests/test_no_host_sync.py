@@ -35,7 +35,29 @@ HOST_READS = {
 
 
 class HostReads(TorchDispatchMode):
-    """Records every ATen op that reads a device value back to the host."""
+    """Records every ATen op that reads a device value back to the host, and every call of the
+    Python methods that do (``.tolist()``, ``.numpy()``, ``.cpu()`` and ``.item()`` on a CPU
+    tensor never reach the dispatcher)."""
+
+    METHODS = ("tolist", "numpy", "cpu", "item")
+
+    def __enter__(self):
+        self._saved = {name: getattr(torch.Tensor, name) for name in self.METHODS}
+        for name, method in self._saved.items():
+            setattr(torch.Tensor, name, self._recording(name, method))
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        for name, method in self._saved.items():
+            setattr(torch.Tensor, name, method)
+        return super().__exit__(*exc)
+
+    def _recording(self, name, method):
+        def call(t, *args, **kwargs):
+            self.seen.append(f"Tensor.{name}")
+            return method(t, *args, **kwargs)
+
+        return call
 
     def __init__(self) -> None:
         super().__init__()
@@ -94,9 +116,20 @@ def test_triton_forward_and_backward_read_nothing(monkeypatch, scope, reduction)
     assert int(stats.n_kept.sum()) == int(stats.kept.sum()) > 0
 
 
-def test_value_checks_are_the_only_reads(monkeypatch):
-    """With the value checks on, the reads are theirs: the same call reads nothing without them."""
-    case = make_case((2, 7), 16, 33, seed=3)
+@pytest.mark.usefixtures("small_blocks")
+@pytest.mark.parametrize("check_values", [True, False])
+def test_value_checks_are_the_only_reads(monkeypatch, check_values):
+    """With the value checks on, the call reads (theirs); with them off, it reads nothing."""
+    monkeypatch.setattr(validation, "CHECK_VALUES", check_values)
+    case = make_case((2, 7), 16, 33, seed=3).on(KERNEL_DEVICE)
     with HostReads() as reads:
-        rho_fused.fused_selective_loss(case.hidden, case.weight, case.targets, case.ref_loss, backend="reference")
-    assert reads.seen, "the value checks read the targets back"
+        rho_fused.fused_selective_loss(case.hidden, case.weight, case.targets, case.ref_loss, backend="triton")
+    assert bool(reads.seen) == check_values, reads.seen
+
+
+def test_the_counter_sees_python_reads():
+    t = torch.arange(5.0)
+    with HostReads() as reads:
+        t.sum().tolist()
+        t.numpy()
+    assert reads.seen == ["Tensor.tolist", "Tensor.numpy"]

@@ -12,24 +12,28 @@ import torch
 
 from . import chunked, reference
 
-try:  # the kernels need triton, which some platforms lack: only backend="triton" needs it
-    from . import triton
-except ImportError as error:  # pragma: no cover - triton is installed wherever the tests run
-    triton, _TRITON_ERROR = None, error  # e.g. no triton, or rho_fused.kernels not installed
-
 BACKENDS = ("reference", "chunked", "triton")
-_MODULES = {"reference": reference, "chunked": chunked, "triton": triton}
 
 
 def resolve(backend: str, device: torch.device) -> ModuleType:
-    """The backend module for ``backend``; ``"auto"`` is ``triton`` on CUDA, ``chunked`` elsewhere."""
+    """The backend module for ``backend``; ``"auto"`` is ``triton`` on CUDA, ``chunked`` elsewhere.
+
+    The triton backend is imported on first use, not with the package: triton reads
+    ``TRITON_INTERPRET`` when the kernels are first imported, and some platforms have no triton.
+    """
     if backend == "auto":
         backend = "triton" if device.type == "cuda" else "chunked"
     if backend not in BACKENDS:
         raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
-    if _MODULES[backend] is None:
+    if backend == "reference":
+        return reference
+    if backend == "chunked":
+        return chunked
+    try:  # an import statement, which torch.compile traces (importlib.import_module it does not)
+        from . import triton
+    except ImportError as error:
         raise ImportError(
-            f"backend='triton' is unavailable: importing rho_fused.backends.triton failed ({_TRITON_ERROR}); "
-            "it needs the triton package and rho-fused installed (pip install -e . maps kernels/ to rho_fused.kernels)"
-        )
-    return _MODULES[backend]
+            f"backend='triton' is unavailable: importing rho_fused.backends.triton failed ({error}); it needs "
+            "the triton package and rho-fused installed (pip install -e . maps kernels/ to rho_fused.kernels)"
+        ) from error
+    return triton

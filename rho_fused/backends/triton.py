@@ -45,8 +45,8 @@ def _check_device(p: LossProblem) -> None:
     if p.hidden.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError(
             f"backend='triton' needs CUDA tensors, got tensors on {p.hidden.device}; use backend='chunked' "
-            "(or 'auto') there, or set TRITON_INTERPRET=1 before importing triton to run the kernels "
-            "in Triton's interpreter"
+            "(or 'auto') there, or set TRITON_INTERPRET=1 before the first triton-backend call (triton "
+            "reads it when the kernels are first imported) to run them in Triton's interpreter"
         )
 
 
@@ -119,7 +119,13 @@ def _token_losses(p: LossProblem) -> Tensor:
         return _forward(p)[0]
 
 
-_OPS = define("triton", loss_forward, loss_backward, _token_losses, lambda hidden: hidden.new_empty(hidden.shape[0]))
+_OPS = define(
+    "triton",
+    loss_forward,
+    loss_backward,
+    _token_losses,
+    lambda hidden: hidden.new_empty(hidden.shape[0], dtype=torch.float32),  # lse, fp32 whatever the input
+)
 
 
 def selective_loss(p: LossProblem) -> tuple[Tensor, SelectionStats]:
