@@ -11,6 +11,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .problem import IGNORE_INDEX
+
 
 def load_corpus(path: str | os.PathLike) -> Any:
     """A corpus as a `datasets.Dataset`: a directory written by ``save_to_disk`` (a ``DatasetDict``
@@ -76,7 +78,7 @@ def corpus_rows(corpus: Any, tokenizer: Any, seq_len: int, text_column: str = "t
 
 
 def pad_batch(
-    rows: Sequence[dict[str, Any]], *, pad_id: int = 0, ignore_index: int = -100, with_ref_loss: bool = True
+    rows: Sequence[dict[str, Any]], *, pad_id: int = 0, ignore_index: int = IGNORE_INDEX, with_ref_loss: bool = True
 ) -> dict[str, Tensor]:
     """Right-pad rows holding ``input_ids`` (and ``ref_loss``) into a batch.
 

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from .loss import fused_selective_loss
-from .problem import SelectionStats, keep_count_int
+from .problem import IGNORE_INDEX, SelectionStats, keep_count_int
 from .validation import SCOPES
 
 
@@ -85,7 +85,7 @@ def shift_right(x: Tensor, fill: float | int) -> Tensor:
     return torch.cat([x.new_full((*x.shape[:-1], 1), fill), x[..., :-1]], dim=-1)
 
 
-def next_token_targets(labels: Tensor, ignore_index: int = -100) -> Tensor:
+def next_token_targets(labels: Tensor, ignore_index: int = IGNORE_INDEX) -> Tensor:
     """What each position predicts: ``labels[..., t + 1]`` at position ``t``, ``ignore_index`` at the last.
 
     The causal shift moves the targets, never the hidden states: ``hidden[t]`` predicts
@@ -94,7 +94,7 @@ def next_token_targets(labels: Tensor, ignore_index: int = -100) -> Tensor:
     return shift_left(labels, ignore_index)
 
 
-def valid_count(labels: Tensor, *, ignore_index: int = -100) -> int:
+def valid_count(labels: Tensor, *, ignore_index: int = IGNORE_INDEX) -> int:
     """How many of ``labels [B, T]`` a causal-LM loss scores: those past position 0, other than ``ignore_index``."""
     return int((labels[..., 1:] != ignore_index).sum())
 
@@ -110,7 +110,7 @@ def causal_lm_loss(
     scope: str = "batch",
     backend: str = "auto",
     reduction: str = "mean",
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     return_stats: bool = False,
     **model_kwargs: object,
 ) -> Tensor | tuple[Tensor, SelectionStats]:
@@ -174,7 +174,7 @@ def kept_count(
     keep_ratio: float,
     *,
     scope: str = "batch",
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     group: torch.distributed.ProcessGroup | None = None,
 ) -> int:
     """How many tokens `causal_lm_loss` keeps for these ``labels [B, T]`` (step 5 of the contract).

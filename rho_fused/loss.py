@@ -6,7 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from . import backends
-from .problem import SelectionStats
+from .problem import IGNORE_INDEX, SelectionStats
 from .validation import make_problem
 
 
@@ -18,7 +18,7 @@ def fused_selective_loss(
     *,
     keep_ratio: float = 0.6,
     bias: Tensor | None = None,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     reduction: str = "mean",
     scope: str = "batch",
     softcap: float | None = None,
@@ -102,7 +102,7 @@ def linear_cross_entropy(
     targets: Tensor,
     *,
     bias: Tensor | None = None,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     reduction: str = "mean",
     softcap: float | None = None,
     backend: str = "auto",
@@ -132,7 +132,7 @@ def token_losses(
     targets: Tensor,
     *,
     bias: Tensor | None = None,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     softcap: float | None = None,
     backend: str = "auto",
 ) -> Tensor:
@@ -168,7 +168,7 @@ class SelectiveLMLoss(nn.Module):
         self,
         keep_ratio: float = 0.6,
         *,
-        ignore_index: int = -100,
+        ignore_index: int = IGNORE_INDEX,
         reduction: str = "mean",
         scope: str = "batch",
         softcap: float | None = None,

@@ -15,6 +15,9 @@ from fractions import Fraction
 import torch
 from torch import Tensor
 
+# The target that marks a token as not scored, as in F.cross_entropy and Hugging Face labels.
+IGNORE_INDEX = -100
+
 
 @dataclass(frozen=True)
 class LossProblem:
