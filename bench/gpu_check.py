@@ -942,13 +942,14 @@ def check_chunked_vocab(dtype: torch.dtype) -> Callable[[Context], Outcome]:
 
     def run(ctx: Context) -> Outcome:
         from rho_fused.kernels import backward
+        from rho_fused.kernels.plan import backward_plan
 
         from rho_fused.problem import keep_count_int
 
         default = backward.default_config
         small = replace(default(dtype), budget_bytes=ctx.sizes.chunk_budget_bytes)
         (b, t), d, v = ctx.sizes.parity_bt, ctx.sizes.parity_d, ctx.sizes.parity_v
-        chunks = math.ceil(v / backward.chunk_columns(b * keep_count_int(t, 0.6), v, d, dtype, small))
+        chunks = backward_plan(b * keep_count_int(t, 0.6), v, d, dtype, small).chunks
         with attribute(backward, "default_config", lambda dt: replace(default(dt), budget_bytes=small.budget_bytes)):
             outcome = run_parity(ctx, "bias_softcap", "sequence", "none", dtype)
         outcome.figures["chunks"] = chunks

@@ -16,11 +16,13 @@ bounds it. Assumptions, all optimistic in the same way for both sides:
 * elementwise work (exp, log, the radix passes) is not counted in flops; ``N * V`` exponentials
   (1.05e9 at N=8k, V=128k) take about 0.3 ms on the H100's special-function units, about 3 % of
   the forward matmul -- noted, not modelled;
+* the launches are the launchers' own: `rho_fused.kernels.plan.launch_plan` on an H100's SMs with
+  the default bf16 tiles gives the forward's vocabulary splits and the backward's chunks;
 * the backward (`rho_fused.kernels.backward`) walks the vocabulary in chunks of ``Vc`` columns
-  (BACKWARD_BUDGET for the ``[C, Vc]`` bf16 ``dz`` buffer, ``C = keep * N`` kept rows). Per
-  chunk: the Triton ``dz`` kernel recomputes the logits of the kept rows (``2 C D Vc`` flops) and
-  writes ``dz``; cuBLAS reads it twice, for ``dH += dz @ W`` (fp32 product, added to an fp32
-  accumulator) and ``dW = dz^T H[K]``, ``2 C D Vc`` flops each. cuBLAS is assumed to run at the
+  (the launcher's memory budget for the ``[C, Vc]`` bf16 ``dz`` buffer, ``C = ceil(keep * N)`` kept
+  rows). Per chunk: the Triton ``dz`` kernel recomputes the logits of the kept rows (``2 C D Vc``
+  flops) and writes ``dz``; cuBLAS reads it twice, for ``dH += dz @ W`` (fp32 product, added to an
+  fp32 accumulator) and ``dW = dz^T H[K]``, ``2 C D Vc`` flops each. cuBLAS is assumed to run at the
   same PEAK_FLOPS; the ``dz`` round trip through HBM (written once, read twice: ``3 C V 2`` bytes)
   and the fp32 ``dH`` traffic are counted. ``glue`` is the gather of ``H[K]`` and the scatter of
   ``dH`` into the ``[N, D]`` gradient. No atomics;
@@ -39,16 +41,19 @@ import argparse
 import itertools
 from dataclasses import dataclass
 
+import torch
+from rho_fused.kernels import backward, forward
+from rho_fused.kernels.plan import H100_SMS, LaunchPlan, launch_plan
+
+from rho_fused.problem import keep_count_int
+
 PEAK_FLOPS = 800e12  # bf16 dense tensor-core rate assumed for an H100 SXM (the spec sheet says 989)
 HBM_BYTES_PER_S = 3.0e12  # HBM3 bandwidth assumed (spec: 3.35 TB/s)
 # compact and select run one program (per selection group): one SM streams the data. Assumed rate.
 ONE_SM_BYTES_PER_S = 100e9
 SINGLE_PROGRAM = ("compact valid", "select", "compact kept")
-BLOCK_N = BLOCK_V = 128  # the launchers' tiles (rho_fused.kernels.forward / backward)
-SMS = 132  # H100 SXM
-PROGRAMS_PER_SM = 8  # rho_fused.kernels.forward.PROGRAMS_PER_SM
-BACKWARD_BUDGET = 512 * 2**20  # rho_fused.kernels.backward.BackwardConfig.budget_bytes
-ELEM = 2  # bf16
+DTYPE = torch.bfloat16
+ELEM = 2  # bytes of a bf16 element
 F32, I64, I32 = 4, 8, 4
 
 NS = (8192, 32768)
@@ -80,24 +85,29 @@ class Row:
         return "one SM" if self.kernel in SINGLE_PROGRAM else "memory"
 
 
-def splits(n: int, v: int) -> int:
-    """Vocabulary slices of the forward: ``ceil(PROGRAMS_PER_SM * SMs / row_tiles)`` (17 at N=8192)."""
-    row_tiles = -(-n // BLOCK_N)
-    return max(1, min(-(-PROGRAMS_PER_SM * SMS // row_tiles), -(-v // BLOCK_V)))
-
-
-def chunk_columns(c: int, v: int) -> int:
-    """``Vc`` of the backward: the budget over ``C`` bf16 rows, a multiple of BLOCK_V, at most ``V``."""
-    cols = max(1, BACKWARD_BUDGET // (max(1, c) * ELEM) // BLOCK_V) * BLOCK_V
-    return min(cols, -(-v // BLOCK_V) * BLOCK_V)
+def plan(n: int, d: int, v: int, keep: float) -> LaunchPlan:
+    """What the launchers launch on an H100 for ``n`` bf16 rows, every one valid, ``keep`` kept."""
+    return launch_plan(
+        n,
+        d,
+        v,
+        DTYPE,
+        sms=H100_SMS,
+        capacity=keep_count_int(n, keep),
+        forward_config=forward.default_config(DTYPE),
+        backward_config=backward.default_config(DTYPE),
+    )
 
 
 def fused(n: int, d: int, v: int, keep: float) -> list[tuple[str, float, float, float]]:
     """``(kernel, flops, hbm_bytes, l2_bytes)`` of one forward + backward of the fused loss."""
     k = keep * n
-    s = splits(n, v)
-    chunks = -(-v // chunk_columns(int(k), v))
-    tiles = n * v * d * ELEM * (1 / BLOCK_N + 1 / BLOCK_V)  # operand tiles fetched by all programs
+    launch = plan(n, d, v, keep)
+    s, chunks = launch.forward.splits, launch.backward.chunks
+    fc, bc = forward.default_config(DTYPE), backward.default_config(DTYPE)
+    # operand tiles fetched by all programs: every row tile meets every vocabulary tile
+    tiles = n * v * d * ELEM * (1 / fc.block_n + 1 / fc.block_v)
+    dz_tiles = k * v * d * ELEM * (1 / bc.block_n + 1 / bc.block_v)
     dz = k * v * ELEM  # the kept rows' dz, all chunks
     return [
         ("compact valid", 0.0, n * (1 + I32), 0.0),
@@ -109,7 +119,7 @@ def fused(n: int, d: int, v: int, keep: float) -> list[tuple[str, float, float, 
         ("compact kept", 0.0, n * (1 + I32), 0.0),
         # recompute z for the kept rows (2kDV): H rows, W, per-row targets / lse / g / row ids in; dz out
         ("backward dz (Triton)", 2.0 * k * d * v, k * d * ELEM + v * d * ELEM + k * (I64 + 3 * F32) + dz,
-         keep * tiles),
+         dz_tiles),
         # dH_acc += dz @ W[chunk] (2kDV): dz and W in; per chunk the fp32 product out, then read with
         # the accumulator and the sum written back
         ("backward dH = dz W (cuBLAS)", 2.0 * k * d * v, dz + v * d * ELEM + chunks * 4 * k * d * F32, 0.0),

@@ -8,6 +8,7 @@ One kernel per file beside its launcher. This package knows only Triton and torc
 - `select`: exact top-k per selection group by radix select, ties to the lower index
 - `backward`: kept rows only, one logits recompute into a `dz` chunk, then cuBLAS matmuls
   for d hidden / d weight / d bias (no atomics)
+- `plan`: the launch arithmetic, pure Python: the forward's vocabulary splits, the backward's chunks
 - `tile`: the logits tile both matmul kernels compute (device helpers, no kernel)
 - `report`: ``python -m rho_fused.kernels.report``, the offline compile report for sm_80 / sm_90
 """

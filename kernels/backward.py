@@ -60,6 +60,7 @@ import triton
 import triton.language as tl
 
 from .forward import dot_precision
+from .plan import backward_plan
 from .tile import logits_tile
 
 
@@ -143,7 +144,8 @@ class BackwardConfig:
     """Tile shape and launch options of `dz_kernel`, and the memory budget of one vocabulary chunk.
 
     ``budget_bytes`` bounds the ``[C, Vc]`` dz buffer (plus, for fp16, the ``[Vc, D]`` fp32 d weight
-    product); ``Vc`` is the largest multiple of ``block_v`` that fits, at least ``block_v``.
+    product); ``Vc`` is the largest multiple of ``block_v`` that fits, at least ``block_v``
+    (`rho_fused.kernels.plan.backward_plan`).
     """
 
     block_n: int = 128
@@ -161,15 +163,6 @@ def default_config(dtype: torch.dtype) -> BackwardConfig:
     if dtype == torch.float32:
         return BackwardConfig(block_n=64, block_v=128, block_d=16, num_stages=2)
     return BackwardConfig()
-
-
-def chunk_columns(capacity: int, v: int, d: int, dtype: torch.dtype, cfg: BackwardConfig) -> int:
-    """``Vc``: vocabulary columns per chunk within ``cfg.budget_bytes``, a multiple of ``block_v``."""
-    per_col = max(1, capacity) * torch.finfo(dtype).bits // 8
-    if dtype == torch.float16:
-        per_col += d * 4  # the fp32 product dz.T @ H before scaling by s
-    cols = max(1, cfg.budget_bytes // per_col // cfg.block_v) * cfg.block_v
-    return min(cols, triton.cdiv(v, cfg.block_v) * cfg.block_v)
 
 
 def _scale(g: torch.Tensor, rows: torch.Tensor, live: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -252,9 +245,9 @@ def backward(
     dw = torch.empty_like(weight) if need_dw else None
     db = torch.empty(v, dtype=torch.float32, device=dev) if need_db else None
 
-    vc = chunk_columns(cap, v, d, dtype, cfg)
+    plan = backward_plan(cap, v, d, dtype, cfg)
+    vc, tiles_n = plan.chunk_columns, plan.row_tiles
     buf = torch.empty(cap * min(vc, v), dtype=dtype, device=dev)
-    tiles_n = triton.cdiv(cap, cfg.block_n)
     part_buf = torch.empty(tiles_n * min(vc, v) if need_db else 1, dtype=torch.float32, device=dev)
     for v0 in range(0, v, vc):
         w = min(vc, v - v0)

@@ -15,6 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .plan import forward_plan
 from .tile import logits_tile
 
 
@@ -82,7 +83,8 @@ def forward_kernel(
 
 @dataclass(frozen=True)
 class ForwardConfig:
-    """Tile shape and launch options. ``splits=None``: enough vocabulary slices to fill the GPU."""
+    """Tile shape and launch options. ``splits=None``: enough vocabulary slices to fill the GPU
+    (`rho_fused.kernels.plan.forward_plan`)."""
 
     block_n: int = 128
     block_v: int = 128
@@ -92,30 +94,12 @@ class ForwardConfig:
     splits: int | None = None
 
 
-# Programs wanted per streaming multiprocessor before the vocabulary is split further. The 16-bit
-# kernel takes 255 registers x 256 threads, so one program fits on an SM at a time: programs run
-# in waves of one per SM, and eight waves keep the last, partly filled one to an eighth of the time.
-PROGRAMS_PER_SM = 8
-
-
 def default_config(dtype: torch.dtype) -> ForwardConfig:
     """The configuration the launcher uses: 128 x 128 x 64 tiles for 16-bit inputs (tensor cores);
     fp32 inputs take full-precision FMA dots, which spill at that size: 64 x 128 x 16, two stages."""
     if dtype == torch.float32:
         return ForwardConfig(block_n=64, block_v=128, block_d=16, num_stages=2)
     return ForwardConfig()
-
-
-def num_splits(n: int, v: int, cfg: ForwardConfig, device: torch.device) -> int:
-    """Vocabulary slices per row tile: ``ceil(PROGRAMS_PER_SM * SMs / row_tiles)``, at most one per
-    vocabulary tile."""
-    if cfg.splits is not None:
-        return max(1, min(cfg.splits, triton.cdiv(v, cfg.block_v)))
-    if device.type != "cuda":
-        return 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    wanted = triton.cdiv(PROGRAMS_PER_SM * sms, triton.cdiv(n, cfg.block_n))
-    return max(1, min(wanted, triton.cdiv(v, cfg.block_v)))
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -143,16 +127,15 @@ def forward(
     cfg = config or default_config(hidden.dtype)
     n, d = hidden.shape
     v = weight.shape[0]
-    splits = num_splits(n, v, cfg, hidden.device)
-    v_per_split = triton.cdiv(triton.cdiv(v, splits), cfg.block_v) * cfg.block_v
-    splits = triton.cdiv(v, v_per_split)  # no empty slice
-    part = torch.empty(3, splits, n, dtype=torch.float32, device=hidden.device)
-    grid = (splits * triton.cdiv(n, cfg.block_n),)
+    sms = torch.cuda.get_device_properties(hidden.device).multi_processor_count if hidden.is_cuda else None
+    plan = forward_plan(n, v, sms, cfg)
+    part = torch.empty(3, plan.splits, n, dtype=torch.float32, device=hidden.device)
+    grid = (plan.programs,)
     if n > 0:
         forward_kernel[grid](
             hidden, weight, weight if bias is None else bias, targets, rows, count,
             part[0], part[1], part[2],
-            n, v, d, v_per_split, 1.0 if softcap is None else softcap,
+            n, v, d, plan.v_per_split, 1.0 if softcap is None else softcap,
             HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None,
             BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d,
             DOT_PRECISION=dot_precision(hidden.dtype),

@@ -34,6 +34,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 
 from . import backward, compact, forward, merge, select
+from .plan import H100_SMS, launch_plan
 
 N, D, V = 8192, 4096, 128256
 DTYPE = torch.bfloat16
@@ -65,13 +66,12 @@ def specs(dtype: torch.dtype = DTYPE, extras: bool = False) -> list[KernelSpec]:
     sc, cc, mc = select.DEFAULT_CONFIG, compact.DEFAULT_CONFIG, merge.DEFAULT_CONFIG
     h = _ptr(dtype)
     softcap = 30.0 if extras else 1.0
-    # The vocabulary slice of a 132-SM H100 at N=8192 (the launcher computes it from the device).
-    splits = max(1, triton.cdiv(forward.PROGRAMS_PER_SM * 132, triton.cdiv(N, fc.block_n)))
-    v_per_split = triton.cdiv(triton.cdiv(V, splits), fc.block_v) * fc.block_v
-    # The backward at keep 0.6, every token valid: capacity ceil(0.6 N) kept rows; the second
-    # vocabulary chunk of the launcher's budget (v0 = n_cols = the chunk width).
-    capacity = -(-3 * N // 5)
-    chunk = backward.chunk_columns(capacity, V, D, dtype, bc)
+    # The launch plan of an H100 (the launcher takes the SM count from the device) at N=8192, the
+    # backward at keep 0.6 with every token valid: capacity ceil(0.6 N) kept rows; the dz kernel is
+    # compiled for the second vocabulary chunk (v0 = n_cols = the chunk width).
+    plan = launch_plan(N, D, V, dtype, sms=H100_SMS, capacity=-(-3 * N // 5), forward_config=fc, backward_config=bc)
+    splits, v_per_split = plan.forward.splits, plan.forward.v_per_split
+    capacity, chunk = plan.backward.capacity, plan.backward.chunk_columns
     return [
         KernelSpec(
             "compact", compact.compact_kernel,

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from cases import IGNORE, KERNEL_DEVICE, Case, assert_parity, make_case, run
 from rho_fused.kernels import backward as backward_kernel
 from rho_fused.kernels import forward as forward_kernel
+from rho_fused.kernels.plan import backward_plan, forward_plan
 
 import rho_fused
 from rho_fused.backends import triton as triton_backend
@@ -199,19 +200,35 @@ def test_backward_in_one_vocabulary_chunk(monkeypatch, dtype):
         lambda dtype: backward_kernel.BackwardConfig(block_n=16, block_v=32, block_d=16, group_n=2),
     )
     case = make_case((3, 11), 24, 97, seed=_seed("one chunk", dtype), bias=True)
-    assert backward_kernel.chunk_columns(33, 97, 24, dtype, backward_kernel.default_config(dtype)) >= 97
+    assert backward_plan(33, 97, 24, dtype, backward_kernel.default_config(dtype)).chunk_columns >= 97
     assert_parity(case, "triton", dtype, keep_ratio=0.6, reduction="none")
 
 
 def test_chunk_columns_from_the_budget():
     cfg = backward_kernel.BackwardConfig(block_v=128, budget_bytes=2**20)
     # [C, Vc] bf16 within 1 MiB, a multiple of the tile width: 1 MiB / (1000 * 2) = 524 -> 512
-    assert backward_kernel.chunk_columns(1000, 128256, 64, torch.bfloat16, cfg) == 512
+    assert backward_plan(1000, 128256, 64, torch.bfloat16, cfg).chunk_columns == 512
     # fp16 also budgets the [Vc, D] fp32 product: 1 MiB / (1000 * 2 + 64 * 4) = 464 -> 384
-    assert backward_kernel.chunk_columns(1000, 128256, 64, torch.float16, cfg) == 384
+    assert backward_plan(1000, 128256, 64, torch.float16, cfg).chunk_columns == 384
     # never below one tile, never past the vocabulary (rounded up to a tile)
-    assert backward_kernel.chunk_columns(10**9, 128256, 64, torch.bfloat16, cfg) == 128
-    assert backward_kernel.chunk_columns(1, 200, 64, torch.bfloat16, cfg) == 256
+    assert backward_plan(10**9, 128256, 64, torch.bfloat16, cfg).chunk_columns == 128
+    assert backward_plan(1, 200, 64, torch.bfloat16, cfg).chunk_columns == 256
+
+
+def test_forward_plan_splits():
+    cfg = forward_kernel.ForwardConfig(block_n=128, block_v=128)
+    # no SM count (no GPU to fill): one slice over the whole vocabulary
+    assert forward_plan(8192, 128256, None, cfg).splits == 1
+    # eight programs per SM: 64 row tiles on 132 SMs want ceil(1056 / 64) = 17 slices, 256 want 5
+    assert forward_plan(8192, 128256, 132, cfg).splits == 17
+    assert forward_plan(32768, 128256, 132, cfg).splits == 5
+    # never more slices than vocabulary tiles, nor an empty one: 97 columns in 32-wide tiles asked
+    # for 3 slices get ceil(97 / 3) = 33 -> 64 columns each, so 2 slices
+    small = forward_kernel.ForwardConfig(block_n=16, block_v=32, splits=3)
+    plan = forward_plan(33, 97, None, small)
+    assert (plan.splits, plan.v_per_split) == (2, 64)
+    assert forward_plan(33, 97, 132, replace(small, splits=None)).splits == 4
+    assert forward_plan(33, 97, 132, replace(small, splits=None)).programs == 3 * 4
 
 
 def test_backward_is_bit_identical_across_runs():
