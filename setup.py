@@ -13,8 +13,11 @@ setup(
     packages=["rho_fused", "rho_fused.backends", "rho_fused.kernels"],
     package_dir={"rho_fused": "rho_fused", "rho_fused.kernels": "kernels"},
     install_requires=[
-        "torch>=2.4",
-        "triton>=3.0; platform_system == 'Linux'",
+        # The kernels need Triton 3.2 (torch 2.6 brings it). CI tests Triton 3.2.0, 3.6.0 (the GPU
+        # machine's) and the main venv's, under the interpreter and compiled offline for sm_80/sm_90;
+        # the only torch it can install is 2.13.
+        "torch>=2.6",
+        "triton>=3.2; platform_system == 'Linux'",
         "transformers>=4.46",
         "datasets>=2.19",
         "accelerate>=1.1",
