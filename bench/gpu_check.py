@@ -661,12 +661,12 @@ def compact_masks(ctx: Context) -> dict[str, torch.Tensor]:
 
 def check_compact(ctx: Context) -> Outcome:
     """``idx[:count]`` equals ``mask.nonzero()`` and ``count`` equals ``mask.sum()`` for every mask."""
-    from rho_fused.kernels.compact import compact
+    from rho_fused.kernels.compact import compact_mask
 
     wrong = []
     masks = compact_masks(ctx)
     for name, mask in masks.items():
-        idx, count = compact(mask)
+        idx, count = compact_mask(mask)
         want = mask.nonzero().squeeze(1)
         got_count = int(count.item())
         if got_count != want.numel() or not torch.equal(idx[:got_count].long(), want):
@@ -743,12 +743,12 @@ def select_inputs(ctx: Context, kind: str, groups: int, m: int, seed: int) -> tu
 
 def compare_select(ctx: Context, excess: torch.Tensor, targets: torch.Tensor, groups: int, ratio: float) -> list[str]:
     """What differs between the select kernel and `select_oracle` (empty when they agree)."""
-    from rho_fused.kernels.select import select
+    from rho_fused.kernels.select import radix_top_k
 
     from rho_fused.problem import keep_fraction
 
     keep = keep_fraction(ratio)
-    kept, threshold, n_keep, n_valid = select(excess, targets, groups, IGNORE, keep)
+    kept, threshold, n_keep, n_valid = radix_top_k(excess, targets, groups, IGNORE, keep)
     want = select_oracle(excess, targets, groups, keep)
     wrong = []
     if not torch.equal(kept, want[0]):
@@ -1624,8 +1624,8 @@ class SweepInputs:
 
 
 def sweep_inputs(ctx: Context) -> SweepInputs:
-    from rho_fused.kernels.compact import compact
-    from rho_fused.kernels.forward import forward
+    from rho_fused.kernels.compact import compact_mask
+    from rho_fused.kernels.forward import logsumexp_partials
 
     n, d, v = ctx.sizes.sweep_ndv
     g = generator(ctx.device, 11)
@@ -1633,12 +1633,12 @@ def sweep_inputs(ctx: Context) -> SweepInputs:
     hidden = torch.randn(n, d, generator=g, device=ctx.device).to(dtype)
     weight = (torch.randn(v, d, generator=g, device=ctx.device) * (LOGIT_STD / math.sqrt(d))).to(dtype)
     targets = torch.randint(0, v, (n,), generator=g, device=ctx.device)
-    rows, count = compact(torch.ones(n, dtype=torch.bool, device=ctx.device))
+    rows, count = compact_mask(torch.ones(n, dtype=torch.bool, device=ctx.device))
     capacity = math.ceil(KEEP * n)
     kept = torch.zeros(n, dtype=torch.bool, device=ctx.device)
     kept[torch.randperm(n, generator=g, device=ctx.device)[:capacity]] = True
-    kept_rows, kept_count = compact(kept)
-    part_m, part_s, _ = forward(hidden, weight, None, targets, rows, count, None)
+    kept_rows, kept_count = compact_mask(kept)
+    part_m, part_s, _ = logsumexp_partials(hidden, weight, None, targets, rows, count, None)
     lse = torch.logsumexp(part_m + part_s.log(), 0)
     grad = torch.full((1,), 1.0 / capacity, device=ctx.device)
     return SweepInputs(hidden, weight, targets, rows, count, kept_rows, kept_count, capacity, lse, grad)
@@ -1665,13 +1665,15 @@ def check_sweep_forward(config: Any, first: bool) -> Callable[[Context], Outcome
     default configuration's (within 1e-3, else a fail). A tile the GPU cannot hold is a warn."""
 
     def run(ctx: Context) -> Outcome:
-        from rho_fused.kernels.forward import forward
+        from rho_fused.kernels.forward import logsumexp_partials
 
         inp: SweepInputs = ctx.cached(("sweep",), lambda: sweep_inputs(ctx))
         n, d, v = ctx.sizes.sweep_ndv
 
         def call() -> tuple[torch.Tensor, ...]:
-            return forward(inp.hidden, inp.weight, None, inp.targets, inp.rows, inp.count, None, config=config)
+            return logsumexp_partials(
+                inp.hidden, inp.weight, None, inp.targets, inp.rows, inp.count, None, config=config
+            )
 
         try:
             times = time_calls(call, ctx.device, ctx.sizes.sweep_reps)
@@ -1699,13 +1701,13 @@ def check_sweep_backward(config: Any, first: bool) -> Callable[[Context], Outcom
     largest value, else a fail)."""
 
     def run(ctx: Context) -> Outcome:
-        from rho_fused.kernels.backward import backward
+        from rho_fused.kernels.backward import kept_rows_backward
 
         inp: SweepInputs = ctx.cached(("sweep",), lambda: sweep_inputs(ctx))
         n, d, v = ctx.sizes.sweep_ndv
 
         def call() -> tuple[torch.Tensor | None, ...]:
-            return backward(
+            return kept_rows_backward(
                 inp.hidden,
                 inp.weight,
                 None,
@@ -1734,7 +1736,7 @@ def check_sweep_backward(config: Any, first: bool) -> Callable[[Context], Outcom
             inp.default["grads"] = (
                 (dh, dw)
                 if first
-                else backward(
+                else kept_rows_backward(
                     inp.hidden,
                     inp.weight,
                     None,

@@ -1,7 +1,7 @@
 """Backward over the kept rows only: one Triton kernel writes ``dz``, cuBLAS does the two gradient matmuls.
 
-Let ``K`` be the compacted kept rows (``rows[:count]``, from `rho_fused.kernels.compact`) and
-``C >= count`` their *capacity*, a bound the host knows from shapes and the keep ratio alone
+Let ``K`` be the compacted kept rows (``rows[:count]``, from `rho_fused.kernels.compact.compact_mask`)
+and ``C >= count`` their *capacity*, a bound the host knows from shapes and the keep ratio alone
 (the launcher's ``capacity``). The vocabulary is walked in chunks ``[v0, v0 + Vc)``; for each chunk
 
 1. `dz_kernel` recomputes ``u = H[K] @ W[v0:v0+Vc].T (+ b)`` once, tile by tile on the tensor cores,
@@ -193,7 +193,7 @@ def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return a.float() @ b.float()
 
 
-def backward(
+def kept_rows_backward(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,

@@ -50,7 +50,7 @@ class CompactConfig:
 DEFAULT_CONFIG = CompactConfig()
 
 
-def compact(mask: torch.Tensor, config: CompactConfig | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def compact_mask(mask: torch.Tensor, config: CompactConfig | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(idx int32 [N], count int32 [1])``: ``idx[:count]`` are the set positions of ``mask``, in order.
 
     Entries of ``idx`` past ``count`` are unspecified. No host synchronisation.

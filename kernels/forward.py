@@ -2,9 +2,9 @@
 
 The logits exist only as ``[BLOCK_N, BLOCK_V]`` tiles in registers. Program ``(i, s)`` takes row
 tile ``i`` of the compacted valid rows and vocabulary slice ``s``, and writes, per row, the
-partial ``(max, sum of exp, target logit)`` of its slice; `rho_fused.kernels.merge` combines the
-slices. Splitting the vocabulary fills the GPU when the row tiles alone are too few. fp32 inputs
-take full-precision (non-TF32) dots, see `dot_precision`.
+partial ``(max, sum of exp, target logit)`` of its slice; `rho_fused.kernels.merge.merge_partials`
+combines the slices. Splitting the vocabulary fills the GPU when the row tiles alone are too few.
+fp32 inputs take full-precision (non-TF32) dots, see `dot_precision`.
 """
 
 from __future__ import annotations
@@ -109,7 +109,7 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def forward(
+def logsumexp_partials(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
@@ -122,7 +122,8 @@ def forward(
     """Partial ``(max, sumexp, target logit)`` per vocabulary slice, each fp32 ``[S, N]``.
 
     ``hidden [N, D]``, ``weight [V, D]``, ``bias [V]`` contiguous and of one dtype; ``rows[:count]``
-    the valid rows (from `rho_fused.kernels.compact`). Only those rows of the outputs are written.
+    the valid rows (from `rho_fused.kernels.compact.compact_mask`). Only those rows of the outputs
+    are written.
     """
     cfg = config or default_config(hidden.dtype)
     n, d = hidden.shape

@@ -64,7 +64,7 @@ class MergeConfig:
 DEFAULT_CONFIG = MergeConfig()
 
 
-def merge(
+def merge_partials(
     part_m: torch.Tensor,
     part_s: torch.Tensor,
     part_t: torch.Tensor,

@@ -1,7 +1,7 @@
 """The kernels' launch plan: how the forward splits the vocabulary, how the backward chunks it.
 
 Pure arithmetic on plain numbers (shapes, dtype, SM count, kept-row capacity, tile configurations):
-no tensor, no launch. The launchers (`rho_fused.kernels.forward`, `rho_fused.kernels.backward`)
+no tensor, no launch. The launchers (`.forward.logsumexp_partials`, `.backward.kept_rows_backward`)
 call `forward_plan` and `backward_plan` with the device's figures; the offline compile report
 (`rho_fused.kernels.report`) and the roofline model (``bench/roofline.py``) call `launch_plan`
 with the modelled GPU's, so the three read one rule.

@@ -146,7 +146,7 @@ class SelectConfig:
 DEFAULT_CONFIG = SelectConfig()
 
 
-def select(
+def radix_top_k(
     excess: torch.Tensor,
     targets: torch.Tensor,
     groups: int,

@@ -9,8 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import KERNEL_DEVICE
-from rho_fused.kernels.compact import CompactConfig, compact
-from rho_fused.kernels.select import SelectConfig, select
+from rho_fused.kernels.compact import CompactConfig, compact_mask
+from rho_fused.kernels.select import SelectConfig, radix_top_k
 
 from rho_fused.problem import keep_fraction
 from rho_fused.selection import select_top
@@ -23,7 +23,7 @@ SMALL = SelectConfig(block=16)
 def check(excess: torch.Tensor, valid: torch.Tensor, groups: int, keep_ratio: float) -> torch.Tensor:
     """Kernel against the oracle on ``excess`` [N] (fp32) with ``valid`` [N]; returns the kept mask."""
     targets = torch.where(valid, 3, IGNORE).to(torch.int64)
-    out = select(
+    out = radix_top_k(
         excess.float().contiguous().to(KERNEL_DEVICE), targets.to(KERNEL_DEVICE), groups, IGNORE,
         keep_fraction(keep_ratio), SMALL,
     )  # fmt: skip
@@ -107,7 +107,7 @@ def test_exact_fraction():
 def test_compact(n, block):
     g = torch.Generator().manual_seed(n)
     mask = torch.rand(n, generator=g) > 0.4
-    idx, count = (t.cpu() for t in compact(mask.to(KERNEL_DEVICE), CompactConfig(block=block)))
+    idx, count = (t.cpu() for t in compact_mask(mask.to(KERNEL_DEVICE), CompactConfig(block=block)))
     expected = mask.nonzero().flatten()
     assert count.tolist() == [expected.numel()]
     assert torch.equal(idx[: expected.numel()].long(), expected)
@@ -140,7 +140,7 @@ def test_nan_ranks_highest_whatever_its_sign():
     valid[12] = False
     targets = torch.where(valid, 3, IGNORE).to(torch.int64)
     for keep_ratio in (0.1, 0.2, 0.4, 0.9):
-        kept, threshold, n_keep, _ = select(excess, targets, 1, IGNORE, keep_fraction(keep_ratio), SMALL)
+        kept, threshold, n_keep, _ = radix_top_k(excess, targets, 1, IGNORE, keep_fraction(keep_ratio), SMALL)
         kept_ref, threshold_ref, n_keep_ref, _ = select_top(excess.view(1, -1), valid.view(1, -1), keep_ratio)
         assert torch.equal(n_keep.long(), n_keep_ref)
         assert torch.equal(kept, kept_ref.reshape(-1)), (keep_ratio, kept, kept_ref)

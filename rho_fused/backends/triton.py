@@ -1,11 +1,11 @@
 """The fused Triton backend: the loss in five kernel launches and no host synchronisation.
 
-Forward: compact the valid rows (`rho_fused.kernels.compact`), the fused matmul + online
-logsumexp over vocabulary slices (`.forward`), the epilogue giving ``lse``, ``ce`` and
-``excess`` (`.merge`), the exact radix top-k per selection group (`.select`). Backward: the
-compacted list of kept rows, then (`.backward`) over those only, a kernel recomputes each logits
-tile once and writes ``dz`` for a chunk of the vocabulary, and cuBLAS matmuls turn it into d hidden,
-d weight and d bias (deterministic: no atomics).
+Forward: compact the valid rows (`compact_mask`, from `rho_fused.kernels.compact`), the fused
+matmul + online logsumexp over vocabulary slices (`logsumexp_partials`), the epilogue giving
+``lse``, ``ce`` and ``excess`` (`merge_partials`), the exact radix top-k per selection group
+(`radix_top_k`). Backward: the compacted list of kept rows, then (`kept_rows_backward`) over those
+only, a kernel recomputes each logits tile once and writes ``dz`` for a chunk of the vocabulary,
+and cuBLAS matmuls turn it into d hidden, d weight and d bias (deterministic: no atomics).
 
 Every size the launches depend on is a shape; counts (valid rows, ``n_keep``, kept rows) stay on
 the device, so forward and backward run under CUDA graphs. ``scope="global"`` selects with
@@ -26,14 +26,14 @@ import os
 import torch
 from torch import Tensor
 
-from rho_fused.kernels.backward import backward as launch_backward
-from rho_fused.kernels.compact import compact
-from rho_fused.kernels.forward import forward as launch_forward
-from rho_fused.kernels.merge import merge
-from rho_fused.kernels.select import select
+from rho_fused.kernels.backward import kept_rows_backward
+from rho_fused.kernels.compact import compact_mask
+from rho_fused.kernels.forward import logsumexp_partials
+from rho_fused.kernels.merge import merge_partials
+from rho_fused.kernels.select import radix_top_k
 
+from ..global_select import global_select
 from ..problem import LossProblem, SelectionStats, keep_count_int, keep_fraction, reduce_loss
-from ..selection import select as select_torch
 from . import chunked
 from .ops import define
 
@@ -68,9 +68,9 @@ def kept_capacity(p: LossProblem) -> int:
 
 def _forward(p: LossProblem) -> tuple[Tensor, Tensor, Tensor]:
     """``(ce, lse, excess)``, fp32 ``[N]``, 0 at ignored rows."""
-    rows, count = compact(p.valid)
-    part_m, part_s, part_t = launch_forward(p.hidden, p.weight, p.bias, p.targets, rows, count, p.softcap)
-    lse, ce, excess = merge(part_m, part_s, part_t, p.targets, p.ref_loss, p.ignore_index)
+    rows, count = compact_mask(p.valid)
+    part_m, part_s, part_t = logsumexp_partials(p.hidden, p.weight, p.bias, p.targets, rows, count, p.softcap)
+    lse, ce, excess = merge_partials(part_m, part_s, part_t, p.targets, p.ref_loss, p.ignore_index)
     return ce, lse, excess
 
 
@@ -82,9 +82,9 @@ def loss_forward(p: LossProblem) -> tuple[Tensor, ...]:
         if p.scope == "global":
             # Across ranks: the radix select of rho_fused.global_select, its histograms summed by
             # all_reduce between passes (torch ops on the device, no host read-back).
-            kept, threshold, n_kept, n_valid = select_torch(p, excess, p.valid)
+            kept, threshold, n_kept, n_valid = global_select(excess, p.valid, p.keep_ratio, p.group)
         else:
-            kept, threshold, n_kept, n_valid = select(
+            kept, threshold, n_kept, n_valid = radix_top_k(
                 excess, p.targets, p.groups, p.ignore_index, keep_fraction(p.keep_ratio)
             )
         n_kept, n_valid = n_kept.long().reshape(-1), n_valid.long().reshape(-1)
@@ -97,8 +97,8 @@ def loss_backward(
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """Step 7 over the kept rows, compacted again here (one small kernel) rather than saved."""
     with _on_device(p.hidden):
-        kept_rows, kept_count = compact(kept)
-        return launch_backward(
+        kept_rows, kept_count = compact_mask(kept)
+        return kept_rows_backward(
             p.hidden,
             p.weight,
             p.bias,
