@@ -35,7 +35,7 @@ get their chance. A watchdog ends the run (``error``, summary written) at the bu
 script replace its process (``os.execv``) and continue with the next check, in the same files and on
 the same budget clock, at most three times. Without CUDA, or with ``--smoke``, everything runs at
 tiny shapes on CPU under ``TRITON_INTERPRET=1``, with the test suite's interpreter corrections
-(``tests/conftest.py``).
+(`rho_fused.kernels.interpreter`).
 """
 
 from __future__ import annotations
@@ -106,19 +106,10 @@ def ensure_package() -> None:
 
 
 def load_interpreter_patches() -> None:
-    """Apply ``tests/conftest.py``'s corrections of Triton's interpreter (16-bit dots, bf16 rounding).
+    """Apply the corrections of Triton's interpreter the tests use (16-bit dots, bf16 rounding)."""
+    from rho_fused.kernels.interpreter import correct_interpreter
 
-    The file is imported by path under a private name; importing it also sets ``TRITON_INTERPRET=1``
-    where there is no CUDA device, which the caller has done already.
-    """
-    path = ROOT / "tests" / "conftest.py"
-    spec = importlib.util.spec_from_file_location("_rho_fused_tests_conftest", path)
-    if spec is None or spec.loader is None:
-        raise ImportError(f"conftest: cannot load {path}")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    module._patch_interpreter_dot()
-    module._patch_interpreter_bf16_rounding()
+    correct_interpreter()
 
 
 # --------------------------------------------------------------------------------------------------
