@@ -26,6 +26,8 @@ import os
 import torch
 from torch import Tensor
 
+# rho_fused.kernels is the top-level kernels/ folder of the repository, which setup.py installs into
+# this package (package_dir); read the kernels there.
 from rho_fused.kernels.backward import kept_rows_backward
 from rho_fused.kernels.compact import compact_mask
 from rho_fused.kernels.forward import logsumexp_partials
