@@ -64,6 +64,9 @@ def _worker(rank: int, port: int, reduction: str) -> None:
         summed = weight.grad.clone()
         dist.all_reduce(summed)
         torch.testing.assert_close(summed, full_w.grad)
+        # leave together: a rank tearing its gloo group down while a peer is still in it can
+        # abort the peer ("terminate called without an active exception", seen once in CI)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
