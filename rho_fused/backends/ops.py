@@ -31,9 +31,8 @@ Backward = Callable[[LossProblem, Tensor, Tensor, Tensor, tuple[bool, bool, bool
 
 
 def _group_name(p: LossProblem) -> str | None:
-    if p.scope != "global":
-        return None
-    return (p.group or torch.distributed.group.WORLD).group_name
+    """How the operator names ``p.group``: None for the default group, else its registered name."""
+    return None if p.scope != "global" or p.group is None else p.group.group_name
 
 
 def _problem(
