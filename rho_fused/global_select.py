@@ -45,7 +45,8 @@ def global_select(
     """Keep the global top ``keep_ratio`` of valid tokens by excess, over all ranks of ``group``.
 
     ``excess`` and ``valid`` are this rank's ``[N]`` tokens. Returns ``(kept [N] bool, threshold,
-    n_keep, n_valid)``, the last three global scalars, the same on every rank.
+    n_keep, n_valid)``: the last three are those of the one global group, shape ``[1]`` (per group,
+    as `rho_fused.selection.select_top` gives them), the same on every rank.
     """
     n_valid = valid.sum().reshape(1)
     dist.all_reduce(n_valid, group=group)
@@ -82,4 +83,4 @@ def global_select(
     value = torch.where(
         n_keep > 0, key_to_float(threshold), torch.full_like(threshold, float("inf"), dtype=torch.float32)
     )
-    return kept, value.reshape(()).to(excess.dtype), n_keep.reshape(()), n_valid.reshape(())
+    return kept, value.to(excess.dtype), n_keep, n_valid

@@ -42,7 +42,7 @@ def select_top(excess: Tensor, valid: Tensor, keep_ratio: float) -> tuple[Tensor
 
 
 def select(p: LossProblem, excess: Tensor, valid: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Step 5 over the flattened tokens of ``p``: ``(kept [N], threshold, n_keep, n_valid)`` per group."""
+    """Step 5 over the flattened tokens of ``p``: ``(kept [N], threshold [G], n_keep [G], n_valid [G])``."""
     if p.scope == "global":
         return global_select(excess, valid, p.keep_ratio, p.group)
     kept, threshold, n_keep, n_valid = select_top(excess.view(p.groups, -1), valid.view(p.groups, -1), p.keep_ratio)

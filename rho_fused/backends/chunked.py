@@ -307,8 +307,7 @@ def loss_forward(p: LossProblem) -> tuple[Tensor, ...]:
     excess = ce.clone() if p.ref_loss is None else torch.where(valid, ce - p.ref_loss, torch.zeros_like(ce))
     kept, threshold, n_kept, n_valid = select(p, excess, valid)
     loss = reduce_loss(p, torch.where(kept, ce, torch.zeros_like(ce)), n_kept)
-    groups = (threshold.reshape(-1), n_kept.reshape(-1), n_valid.reshape(-1))
-    return loss, ce, excess, kept, *groups, torch.stack([m, s])
+    return loss, ce, excess, kept, threshold, n_kept, n_valid, torch.stack([m, s])
 
 
 def loss_backward(

@@ -89,9 +89,9 @@ def loss_forward(p: LossProblem) -> tuple[Tensor, ...]:
             kept, threshold, n_kept, n_valid = radix_top_k(
                 excess, p.targets, p.groups, p.ignore_index, keep_fraction(p.keep_ratio)
             )
-        n_kept, n_valid = n_kept.long().reshape(-1), n_valid.long().reshape(-1)
+        n_kept, n_valid = n_kept.long(), n_valid.long()
         loss = reduce_loss(p, torch.where(kept, ce, torch.zeros_like(ce)), n_kept)
-    return loss, ce, excess, kept, threshold.reshape(-1), n_kept, n_valid, lse
+    return loss, ce, excess, kept, threshold, n_kept, n_valid, lse
 
 
 def loss_backward(
