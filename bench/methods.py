@@ -114,12 +114,18 @@ def cut_cross_entropy(x: Inputs, task: str) -> Tensor:
 
 
 def cut_cross_entropy_exact(x: Inputs, task: str) -> Tensor:
-    """apple/ml-cross-entropy with ``impl="cce_exact"`` (CUDA): no gradient filtering, fp32 accumulation."""
+    """apple/ml-cross-entropy without gradient filtering (CUDA): ``impl="cce_exact"`` where the version
+    has it, else ``impl="cce", filter_eps=None`` (25.1.1 on PyPI has no ``cce_exact``)."""
+    import cut_cross_entropy.linear_cross_entropy as cce_module
     from cut_cross_entropy import linear_cross_entropy
 
+    if hasattr(cce_module.LinearCrossEntropyImpl, "CCE_EXACT"):
+        options: dict = {"impl": "cce_exact"}
+    else:
+        options = {"impl": "cce", "filter_eps": None}
     if task == "ce":
-        return linear_cross_entropy(x.hidden, x.weight, x.targets, impl="cce_exact")
-    return top_k_mean(linear_cross_entropy(x.hidden, x.weight, x.targets, impl="cce_exact", reduction="none"), x)
+        return linear_cross_entropy(x.hidden, x.weight, x.targets, **options)
+    return top_k_mean(linear_cross_entropy(x.hidden, x.weight, x.targets, reduction="none", **options), x)
 
 
 def liger(x: Inputs, task: str) -> Tensor:
