@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from . import validation
 from .loss import fused_selective_loss
 from .problem import IGNORE_INDEX, SelectionStats, keep_count_int
 from .validation import SCOPES
@@ -99,6 +100,20 @@ def valid_count(labels: Tensor, *, ignore_index: int = IGNORE_INDEX) -> int:
     return int((labels[..., 1:] != ignore_index).sum())
 
 
+def _check_ids(model: nn.Module, input_ids: Tensor) -> None:
+    """``input_ids`` integers in ``[0, V_in)``, the input embedding's rows (reads values: see `CHECK_VALUES`)."""
+    if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
+        raise TypeError(f"input_ids must be an integer tensor (int64), got {input_ids.dtype}")
+    embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    rows = getattr(embed, "num_embeddings", None)
+    if not validation.CHECK_VALUES or rows is None or input_ids.numel() == 0:
+        return
+    low, high = int(input_ids.min()), int(input_ids.max())
+    if low < 0 or high >= rows:
+        bad = low if low < 0 else high
+        raise ValueError(f"input_ids must be in [0, {rows}) (the model's input embedding), got {bad}")
+
+
 def causal_lm_loss(
     model: nn.Module,
     input_ids: Tensor,
@@ -136,6 +151,7 @@ def causal_lm_loss(
         raise ValueError(f"labels must have the shape of input_ids {tuple(input_ids.shape)}, got {tuple(labels.shape)}")
     if ref_loss is not None and ref_loss.shape != labels.shape:
         raise ValueError(f"ref_loss must have the shape of labels {tuple(labels.shape)}, got {tuple(ref_loss.shape)}")
+    _check_ids(model, input_ids)
     hidden, weight, bias, softcap = head_inputs(model, input_ids, attention_mask, **model_kwargs)
     targets = next_token_targets(labels.to(hidden.device), ignore_index)
     shifted_ref = None if ref_loss is None else shift_left(ref_loss.to(hidden.device, torch.float32), 0.0)

@@ -48,6 +48,11 @@ class LossProblem:
         return torch.promote_types(self.hidden.dtype, torch.float32)
 
     @property
+    def group_shape(self) -> tuple[int, int]:
+        """``(groups, M)``: the flat ``[N]`` tokens as one row per selection group (``M`` may be 0)."""
+        return self.groups, self.targets.numel() // self.groups if self.groups else 0
+
+    @property
     def valid(self) -> Tensor:
         """``targets != ignore_index``, [N] bool."""
         return self.targets != self.ignore_index

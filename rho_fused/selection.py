@@ -45,5 +45,5 @@ def select(p: LossProblem, excess: Tensor, valid: Tensor) -> tuple[Tensor, Tenso
     """Step 5 over the flattened tokens of ``p``: ``(kept [N], threshold [G], n_keep [G], n_valid [G])``."""
     if p.scope == "global":
         return global_select(excess, valid, p.keep_ratio, p.group)
-    kept, threshold, n_keep, n_valid = select_top(excess.view(p.groups, -1), valid.view(p.groups, -1), p.keep_ratio)
+    kept, threshold, n_keep, n_valid = select_top(excess.view(p.group_shape), valid.view(p.group_shape), p.keep_ratio)
     return kept.reshape(-1), threshold, n_keep, n_valid

@@ -111,6 +111,9 @@ def make_problem(
     if softcap is not None and not (isinstance(softcap, (int, float)) and math.isfinite(softcap) and softcap > 0):
         raise ValueError(f"softcap must be None or a finite number > 0, got {softcap!r}")
 
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
+        raise TypeError(f"ignore_index must be an integer, got {ignore_index!r} ({type(ignore_index).__name__})")
+
     compute = torch.promote_types(hidden.dtype, torch.float32)
     n_tokens = targets.numel()
     problem = LossProblem(

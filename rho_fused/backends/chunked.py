@@ -74,10 +74,10 @@ def forward_tile(p: LossProblem, n_rows: int) -> tuple[int, int]:
     All rows in one block while that leaves ``MIN_TILE_COLS`` columns; fewer rows beyond.
     """
     elems = max(1, FORWARD_BUDGET_BYTES // (2 * p.compute_dtype.itemsize))
-    n_vocab, dim = p.weight.shape
+    n_vocab, dim = p.weight.shape[0], max(1, p.weight.shape[1])  # D = 0: logits are the bias alone
     # Columns also bounded by elems // dim: the tile's slice of W, which oneDNN packs per product.
     cols = _cols(n_vocab, min(elems // max(n_rows, 1), elems // dim))
-    return _even(n_rows, elems // cols), cols
+    return _even(n_rows, elems // max(cols, 1)), cols
 
 
 def backward_tile(p: LossProblem, n_rows: int, row_buffers: int = 3) -> tuple[int, int]:
@@ -88,7 +88,7 @@ def backward_tile(p: LossProblem, n_rows: int, row_buffers: int = 3) -> tuple[in
     or softcap) ``+ 2 C D`` (d W_c, and the operand copied for d hidden). The ``[R, D]`` buffers
     take at most two thirds of it; the columns fill the rest.
     """
-    n_vocab, dim = p.weight.shape
+    n_vocab, dim = p.weight.shape[0], max(1, p.weight.shape[1])  # D = 0: logits are the bias alone
     elems = max(1, BACKWARD_BUDGET_BYTES // p.compute_dtype.itemsize, int(n_vocab * dim * BACKWARD_BUDGET_OF_DW))
     tiles = 1 if p.bias is None and p.softcap is None else 2
     rows = _even(n_rows, 2 * elems // (3 * row_buffers * dim))
@@ -109,7 +109,8 @@ _ONEDNN_LINEAR = _onednn_linear()
 
 def _linear(x: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
     """``x @ w.T (+ b)``, ``b`` per column of the result. ``w`` may be a transposed view; ``x`` is contiguous."""
-    if _ONEDNN_LINEAR is not None and x.device.type == "cpu" and x.dtype == w.dtype == torch.float32:
+    # oneDNN has no primitive for an empty inner dimension (D = 0)
+    if _ONEDNN_LINEAR is not None and x.device.type == "cpu" and x.dtype == w.dtype == torch.float32 and x.shape[1]:
         return _ONEDNN_LINEAR(x, w, b, "none", [], "")
     return x @ w.T if b is None else torch.addmm(b, x, w.T)
 

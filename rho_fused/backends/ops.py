@@ -202,6 +202,15 @@ def define(name: str, forward: Forward, backward: Backward, token_losses: Callab
 
     loss_op.register_autograd(loss_backward, setup_context=setup_context)
 
+    def no_double_backward(ctx, *_grads):
+        # Reached only when a gradient of the gradient is asked for (create_graph=True, then backward).
+        raise RuntimeError(
+            f"rho_fused: backend {name!r} has no second derivative (double backward, e.g. a gradient"
+            " penalty); use backend='reference' for it"
+        )
+
+    backward_op.register_autograd(no_double_backward, setup_context=lambda ctx, inputs, output: None)
+
     @torch.library.custom_op(f"{qual}_token_losses", mutates_args=())
     def token_losses_op(
         hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, ignore_index: int, softcap: float | None

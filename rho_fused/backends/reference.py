@@ -77,12 +77,15 @@ def _selective_loss(p: LossProblem) -> tuple[Tensor, SelectionStats]:
     else:
         groups = [
             _select(e, v, p.keep_ratio)
-            for e, v in zip(excess.view(p.groups, -1), valid.view(p.groups, -1), strict=True)
+            for e, v in zip(excess.view(p.group_shape), valid.view(p.group_shape), strict=True)
         ]
-        kept = torch.cat([g[0] for g in groups]).to(ce.device)
-        threshold = torch.stack([g[1] for g in groups]).to(ce.device)
-        n_kept = torch.stack([g[2] for g in groups]).to(ce.device)
-        n_valid = valid.view(p.groups, -1).sum(dim=1)
+        if groups:
+            kept = torch.cat([g[0] for g in groups]).to(ce.device)
+            threshold = torch.stack([g[1] for g in groups]).to(ce.device)
+            n_kept = torch.stack([g[2] for g in groups]).to(ce.device)
+        else:  # zero sequences: no groups, no tokens
+            kept, threshold, n_kept = valid, excess.new_empty(0), valid.new_zeros(0, dtype=torch.int64)
+        n_valid = valid.view(p.group_shape).sum(dim=1)
 
     per_token = torch.where(kept, ce, torch.zeros_like(ce))  # step 7: the mask is a constant
     loss = reduce_loss(p, per_token, n_kept)
