@@ -1572,6 +1572,9 @@ def forward_configs(ctx: Context) -> dict[str, Any]:
         shapes = [
             tile(128, 256, 64),
             tile(256, 128, 64),
+            tile(256, 128, 64, 8, 4),
+            tile(256, 128, 32, 8, 4),
+            tile(256, 64, 64, 8, 3),
             tile(128, 128, 64, 8, 4),
             tile(128, 128, 32, 4, 4),
             tile(64, 128, 64, 4, 3),
@@ -1590,6 +1593,9 @@ def backward_configs(ctx: Context) -> dict[str, Any]:
         shapes = [
             tile(128, 256, 64, group_n=8),
             tile(256, 128, 64, group_n=8),
+            tile(256, 128, 64, 8, 4, group_n=8),
+            tile(256, 128, 32, 8, 4, group_n=8),
+            tile(256, 128, 64, group_n=16),
             tile(128, 128, 64, 8, 4, group_n=16),
             tile(64, 128, 64, 4, 3, group_n=8),
         ]
@@ -1770,6 +1776,33 @@ def build_sections(ctx: Context) -> list[Section]:
     return sections
 
 
+TILE_LABEL = re.compile(r"n(\d+)v(\d+)d(\d+)(?:g(\d+))?w(\d+)s(\d+)")
+
+
+def parse_tile(label: str) -> dict[str, Any]:
+    """``n256v128d64w8s3`` (forward) or ``n256v128d64g8w8s3`` (backward, ``g`` = group_n) as config kwargs."""
+    m = TILE_LABEL.fullmatch(label)
+    if m is None:
+        raise ValueError(f"--tiles: expected a label like n128v128d64w8s3 (g8 before w: backward), got {label!r}")
+    n, v, d, g, w, st = m.groups()
+    return tile(int(n), int(v), int(d), int(w), int(st), **({} if g is None else {"group_n": int(g)}))
+
+
+def use_tiles(spec: str) -> None:
+    """``--tiles FORWARD,BACKWARD``: the forward and backward kernels' 16-bit launch configurations for
+    this run (fp32 keeps its own), to check and time a candidate default before it is made one."""
+    from rho_fused.kernels import backward, forward
+
+    labels = spec.split(",")
+    if len(labels) != 2:
+        raise ValueError(f"--tiles: expected FORWARD,BACKWARD labels, got {spec!r}")
+    f_cfg = forward.ForwardConfig(**parse_tile(labels[0]))
+    b_cfg = backward.BackwardConfig(**parse_tile(labels[1]))
+    f_default, b_default = forward.default_config, backward.default_config
+    forward.default_config = lambda dtype: f_default(dtype) if dtype == torch.float32 else f_cfg
+    backward.default_config = lambda dtype: b_default(dtype) if dtype == torch.float32 else b_cfg
+
+
 def use_small_tiles() -> None:
     """The smoke run's launcher defaults: 16/32 tiles (as the test suite's ``small_blocks``), so that tiny
     shapes span several tiles in every dimension; the forward splits the vocabulary in two."""
@@ -1890,10 +1923,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--grace-s", type=float, default=45.0, help="the watchdog ends the run at budget + grace")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on CPU under TRITON_INTERPRET=1")
     parser.add_argument("--only", help="regular expression: run only the checks whose names match it")
+    parser.add_argument(
+        "--tiles", help="FORWARD,BACKWARD tile labels (n256v128d64w8s3,n256v128d64g8w8s3) for 16-bit inputs"
+    )
     parser.add_argument("--resume", type=float, help=argparse.SUPPRESS)  # a restart: the first run's start
     parser.add_argument("--restarts", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--lose-context-after", help=argparse.SUPPRESS)  # tests: act as if CUDA broke there
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    labels = args.tiles.split(",") if args.tiles else []
+    if args.tiles and len(labels) != 2:
+        parser.error(f"--tiles: expected FORWARD,BACKWARD labels, got {args.tiles!r}")
+    for label in labels:
+        try:
+            parse_tile(label)
+        except ValueError as exc:
+            parser.error(str(exc))
+    return args
 
 
 MAX_RESTARTS = 3
@@ -1904,6 +1949,7 @@ def canonical_command(args: argparse.Namespace, out: Path) -> str:
     parts = ["python bench/gpu_check.py", "--out", str(out), "--budget-s", f"{args.budget_s:g}"]
     parts += ["--smoke"] if args.smoke else []
     parts += ["--only", repr(args.only)] if args.only else []
+    parts += ["--tiles", args.tiles] if args.tiles else []
     return " ".join(parts)
 
 
@@ -1925,6 +1971,7 @@ def restart(args: argparse.Namespace, out: Path, start: float) -> None:
     ]
     argv += ["--smoke"] if args.smoke else []
     argv += ["--only", args.only] if args.only else []
+    argv += ["--tiles", args.tiles] if args.tiles else []
     sys.stdout.flush()
     sys.stderr.flush()
     os.execv(sys.executable, argv)
@@ -1939,14 +1986,17 @@ def failing_check(exc: Exception) -> Callable[[Context], Outcome]:
     return run
 
 
-def prepare(ctx: Context) -> list[Section]:
-    """Import the package (and, in the smoke run, correct the interpreter and shrink the tiles), then
-    list every section's checks; a failure here becomes one ``setup`` check that errors."""
+def prepare(ctx: Context, tiles: str | None = None) -> list[Section]:
+    """Import the package (and, in the smoke run, correct the interpreter and shrink the tiles; with
+    ``tiles``, set the 16-bit launch configurations), then list every section's checks; a failure here
+    becomes one ``setup`` check that errors."""
     try:
         ensure_package()
         if ctx.smoke:
             load_interpreter_patches()
             use_small_tiles()
+        if tiles:
+            use_tiles(tiles)
         return build_sections(ctx)
     except Exception as exc:
         return [Section(0, "Set-up", [Check("setup", failing_check(exc), 0.0)])]
@@ -1964,7 +2014,7 @@ def main(argv: list[str] | None = None) -> int:
         ctx.start = args.resume
     rec = Recorder(Path(args.out.replace("{name}", result_name(ctx.device))), resume=args.resume is not None)
     command = canonical_command(args, rec.out)
-    sections = prepare(ctx)
+    sections = prepare(ctx, args.tiles)
     summary = lambda: write_summary(rec, sections, ctx, command, args.restarts)  # noqa: E731
     start_watchdog(ctx, rec, args.budget_s + args.grace_s, summary)
     try:

@@ -103,3 +103,15 @@ def test_restarts_after_a_lost_cuda_context(tmp_path):
     status = {r["name"]: r["status"] for r in records}
     assert status["env/versions"] == status["env/device"] == status["compact/masks"] == "pass"
     assert "Restarted 1 time" in (tmp_path / "out" / "gpu_check.md").read_text()
+
+
+def test_tiles_set_the_launch_configurations_of_the_run(tmp_path):
+    """``--tiles`` makes a candidate the default for the whole run; a malformed label is a usage error."""
+    proc, records = run_smoke(
+        tmp_path / "ok", "--only", "parity/plain/batch/mean/bf16", "--tiles", "n32v64d16w4s1,n32v64d16g1w4s1"
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert [r["status"] for r in records if r["name"] == "parity/plain/batch/mean/bf16"] == ["pass"]
+    assert "--tiles n32v64d16w4s1,n32v64d16g1w4s1" in (tmp_path / "ok" / "gpu_check.md").read_text()
+    proc, _ = run_smoke(tmp_path / "bad", "--tiles", "n32v64")
+    assert proc.returncode == 2 and "--tiles: expected FORWARD,BACKWARD labels, got 'n32v64'" in proc.stderr
