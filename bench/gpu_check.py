@@ -1575,7 +1575,7 @@ def forward_configs(ctx: Context) -> dict[str, Any]:
             tile(256, 128, 64, 8, 4),
             tile(256, 128, 32, 8, 4),
             tile(256, 64, 64, 8, 3),
-            tile(128, 128, 64, 8, 4),
+            tile(128, 128, 64, 8, 3),
             tile(128, 128, 32, 4, 4),
             tile(64, 128, 64, 4, 3),
         ]
@@ -1596,7 +1596,7 @@ def backward_configs(ctx: Context) -> dict[str, Any]:
             tile(256, 128, 64, 8, 4, group_n=8),
             tile(256, 128, 32, 8, 4, group_n=8),
             tile(256, 128, 64, group_n=16),
-            tile(128, 128, 64, 8, 4, group_n=16),
+            tile(128, 128, 64, 8, 3, group_n=8),
             tile(64, 128, 64, 4, 3, group_n=8),
         ]
     tiles = ([] if ctx.smoke else [default_config(torch.bfloat16)]) + [BackwardConfig(**t) for t in shapes]

@@ -116,10 +116,13 @@ def cut_cross_entropy(x: Inputs, task: str) -> Tensor:
 def cut_cross_entropy_exact(x: Inputs, task: str) -> Tensor:
     """apple/ml-cross-entropy without gradient filtering (CUDA): ``impl="cce_exact"`` where the version
     has it, else ``impl="cce", filter_eps=None`` (25.1.1 on PyPI has no ``cce_exact``)."""
-    import cut_cross_entropy.linear_cross_entropy as cce_module
+    import importlib
+
     from cut_cross_entropy import linear_cross_entropy
 
-    if hasattr(cce_module.LinearCrossEntropyImpl, "CCE_EXACT"):
+    # import_module: the package's attribute of that name is the function, not the module
+    impls = importlib.import_module("cut_cross_entropy.linear_cross_entropy").LinearCrossEntropyImpl
+    if hasattr(impls, "CCE_EXACT"):
         options: dict = {"impl": "cce_exact"}
     else:
         options = {"impl": "cce", "filter_eps": None}
