@@ -92,6 +92,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         stop_at=args.stop_at,
         progress=not args.no_progress,
     )
+    if cfg.fsdp:  # gather the shards (every rank takes part): rank 0 then holds the whole model
+        from .fsdp import plain_copy
+
+        model = plain_copy(model)
     if args.rank != 0:
         return 0  # every rank holds the same weights and history: rank 0 writes them
     write_json(out / "history.json", history)
@@ -186,6 +190,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-every", type=int, default=d.log_every)
     p.add_argument("--eval-every", type=int, default=d.eval_every)
     p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
+    p.add_argument(
+        "--fsdp",
+        action="store_true",
+        help="under torchrun: shard parameters, gradients and optimizer state over the ranks (FSDP2), bf16 on GPU",
+    )
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
     p.add_argument("--stop-at", type=int, help="stop after this step (with a checkpoint), as if interrupted")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")

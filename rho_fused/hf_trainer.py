@@ -25,6 +25,7 @@ from transformers import Trainer
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .data import pad_batch
+from .fsdp import is_sharded
 from .hf import causal_lm_loss, kept_count, valid_count
 from .problem import keep_count_int
 from .ranks import ddp_sum_factor, loss_scope, rank_and_world, sum_over_ranks
@@ -181,9 +182,11 @@ def run_as_forward(wrapper: nn.Module, inner: nn.Module, fn: Callable[[], torch.
 
     DDP synchronises gradients only for a backward that follows a call of the DDP module itself.
     ``inner.forward`` is replaced by ``fn`` for the duration of one call of ``wrapper`` (which
-    calls ``inner``), then restored. When ``wrapper`` is ``inner`` (no wrapper), ``fn()`` is called.
+    calls ``inner``), then restored. When ``wrapper`` is ``inner`` (no wrapper), ``fn()`` is called,
+    unless ``inner`` is sharded by FSDP2 (accelerate's FSDP2 plugin shards the model in place): its
+    hooks gather the LM head only around its own forward, so ``fn`` runs as that forward.
     """
-    if wrapper is inner:
+    if wrapper is inner and not is_sharded(inner):
         return fn()
     had_own = "forward" in inner.__dict__
     own = inner.__dict__.get("forward")

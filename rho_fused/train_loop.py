@@ -13,12 +13,15 @@ the same global batch is split into contiguous shards, one per rank; ``scope="gl
 over the whole global batch (all ranks' shards, as `fused_selective_loss` does with that scope),
 the loss goes through `DistributedDataParallel`, and the weights after each step are the ones one
 process gets on the same global batch. Only rank 0 shows progress and writes checkpoints.
+With ``fsdp=True`` (``--fsdp``) the model is sharded over the ranks instead (`rho_fused.fsdp`): the
+loss runs inside the sharded root's forward, and every rank writes its shards of each checkpoint.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 import os
 import time
@@ -31,6 +34,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import fsdp as fsdp_
 from .atomic import atomic_dir, recover, write_json
 from .data import pad_batch
 from .hf import causal_lm_loss, kept_count, valid_count
@@ -75,6 +79,7 @@ class TrainConfig:
     log_every: int = 10
     eval_every: int = 0  # 0: evaluate only at the end (when eval data is given)
     checkpoint_every: int = 0  # 0: checkpoint only at the end (or at stop_at)
+    fsdp: bool = False  # shard parameters, gradients and optimizer state over the ranks (FSDP2; rho_fused.fsdp)
 
     # fields that may differ between a run and its resumption
     RESUMABLE = ("log_every", "eval_every", "checkpoint_every", "backend")
@@ -215,6 +220,8 @@ def check_run(data: Sequence[Any], cfg: TrainConfig, world: int) -> None:
         raise ValueError(f"scope must be one of {TRAIN_SCOPES} (the global batch, or each row), got {cfg.scope!r}")
     if cfg.batch_size < world:
         raise ValueError(f"batch_size={cfg.batch_size} is smaller than the world size {world}: a rank would get no row")
+    if cfg.fsdp and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        raise ValueError("fsdp=True (--fsdp) shards over the ranks of a process group: launch under torchrun")
 
 
 def global_kept_count(batches: Sequence[dict[str, torch.Tensor]], cfg: TrainConfig) -> int:
@@ -282,19 +289,23 @@ def train(
     accumulated global batch and scaled by `rho_fused.ranks.ddp_sum_factor`: every rank then holds
     the gradient one process computes, so clipping and the optimizer step are the same. Rank 0
     alone shows a progress bar and writes checkpoints; every rank resumes from them.
-    ``batch_size`` must be at least ``world``.
+    ``batch_size`` must be at least ``world``. With ``cfg.fsdp`` the decoder layers and the root are
+    sharded with FSDP2 (the same gradients, reduce-scattered: each rank keeps its shard), checkpoints
+    are sharded (every rank writes), and ``model`` is left sharded: `rho_fused.fsdp.plain_copy` gathers it.
     """
     rank, world = rank_and_world()
     check_run(data, cfg, world)
     ckpt = Path(out_dir) / CHECKPOINT if out_dir is not None else None
     device = next(model.parameters()).device
-    optimizer = make_optimizer(model, cfg)
-    step, history = load_checkpoint(ckpt, model, optimizer, cfg) if resume else (0, [])
-    order = BatchOrder(len(data), cfg.batch_size, cfg.seed)
     objective = SelectiveObjective(
         model, keep_ratio=cfg.keep_ratio, scope=loss_scope(cfg.scope, world), backend=cfg.backend
     )
-    net = wrap_for_ranks(objective, world)
+    # FSDP turns the parameters into DTensors: the optimizer is built on them, after sharding
+    net = fsdp_.shard(objective, model) if cfg.fsdp else wrap_for_ranks(objective, world)
+    optimizer = make_optimizer(model, cfg)
+    save, load = (fsdp_.save_checkpoint, fsdp_.load_checkpoint) if cfg.fsdp else (save_checkpoint, load_checkpoint)
+    step, history = load(ckpt, model, optimizer, cfg) if resume else (0, [])
+    order = BatchOrder(len(data), cfg.batch_size, cfg.seed)
     shard = slice(*shard_bounds(cfg.batch_size, rank, world))
     model.train()
     bar = tqdm(total=cfg.steps, initial=step, desc=desc, unit="step", disable=not progress or rank != 0)
@@ -316,8 +327,8 @@ def train(
         totals = StepTotals()
         for m, full in enumerate(batches):
             b = {k: v[shard].to(device) for k, v in full.items()}  # this rank's shard
-            sync = world > 1 and m < cfg.accum_steps - 1  # DDP all-reduces on the last micro-batch only
-            with net.no_sync() if sync else contextlib.nullcontext():
+            sync = world > 1 and m < cfg.accum_steps - 1  # DDP / FSDP reduce on the last micro-batch only
+            with fsdp_.gradient_sync_off(net) if sync else contextlib.nullcontext():
                 loss, stats = net(b["input_ids"], b["labels"], b["attention_mask"], b.get("ref_loss"))
                 (loss * (ddp_sum_factor(world) / max(n_keep, 1))).backward()
             totals.add(loss, stats, b["attention_mask"])
@@ -327,7 +338,7 @@ def train(
             raise RuntimeError(f"step {step}: the loss kept {totals.kept} tokens, {n_keep} were expected")
 
         # clip, step, clear (every rank holds the same, globally summed gradient)
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
+        grad_norm = float(fsdp_.full_value(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
@@ -347,14 +358,15 @@ def train(
                 "tok_per_s": tokens / max(time.perf_counter() - t0, 1e-9),
             }
             if eval_data is not None and (eval_now or step == cfg.steps):
-                entry["eval_loss"] = evaluate(model, eval_data, batch_size=cfg.batch_size, backend=cfg.backend)
+                run_eval = functools.partial(fsdp_.evaluate, net) if cfg.fsdp else evaluate
+                entry["eval_loss"] = run_eval(model, eval_data, batch_size=cfg.batch_size, backend=cfg.backend)
             history.append(entry)
             bar.set_postfix({k: f"{entry[k]:.3g}" for k in BAR_FIELDS if k in entry})
         bar.update(1)
         if last or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
-            if ckpt is not None and rank == 0:
+            if ckpt is not None and (rank == 0 or cfg.fsdp):  # sharded: every rank writes its shards
                 state = {"step": step, "history": history, "config": dataclasses.asdict(cfg)}
-                save_checkpoint(ckpt, model, optimizer, state)
+                save(ckpt, model, optimizer, state)
             barrier()  # the checkpoint is complete before any rank goes on
         if step == stop_at:
             break

@@ -31,6 +31,22 @@ def _check_tensor(name: str, value: object) -> Tensor:
     return value
 
 
+def _refuse_dtensors(**tensors: object) -> None:
+    """A DTensor (e.g. an FSDP2-sharded LM head read outside the module's forward) holds a shard, not the tensor."""
+    if not torch.distributed.is_available():
+        return
+    from torch.distributed.tensor import DTensor
+
+    for name, t in tensors.items():
+        if isinstance(t, DTensor):
+            raise TypeError(
+                f"{name} must be a plain torch.Tensor, got a DTensor placed {t.placements}, e.g. an LM head "
+                f"sharded by FSDP2 (fully_shard) read outside its root module's forward; compute the loss inside that "
+                f"forward, where FSDP has gathered the whole weight and reduces its gradient "
+                f"(rho_fused.fsdp.forward_through), or, without gradients, pass {name}.full_tensor()"
+            )
+
+
 def make_problem(
     hidden: Tensor,
     weight: Tensor,
@@ -51,6 +67,7 @@ def make_problem(
     targets = _check_tensor("targets", targets)
     if bias is not None:
         bias = _check_tensor("bias", bias)
+    _refuse_dtensors(hidden=hidden, weight=weight, bias=bias, targets=targets, ref_loss=ref_loss)
     hidden, weight, bias = autocast_inputs(hidden, weight, bias)
 
     if hidden.dtype not in FLOAT_DTYPES:
