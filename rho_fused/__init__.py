@@ -18,6 +18,7 @@ the kernels, then the training pipeline built on the public API:
     hf_trainer     `SelectiveTrainer`: `transformers.Trainer` with the fused selective loss
     train_loop     the minimal training loop behind `rho-fused train` (`train`, `TrainConfig`, `evaluate`)
     ranks          data-parallel runs: rank and world, torchrun's process group, shards, the DDP scaling rule
+    fsdp           FSDP2: `shard` (fully_shard per decoder layer and root), the loss in the root's forward, DCP
     scoring        a corpus scored by a reference model: the per-token `ref_loss` dataset and its fingerprints
     data           corpora in and batches out: reading, tokenizing, packing, padding
     atomic         atomic writes: an output appears complete under its name, or not at all

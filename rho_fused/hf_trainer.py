@@ -60,8 +60,12 @@ class SelectiveTrainer(Trainer):
     ``scope="global"`` (one optimizer step equals the one-process step on the same rows). Under
     DDP the loss is computed as the wrapped model's forward (its ``forward`` swapped for the
     duration of the call), so DDP's hooks run; with ``scope="global"`` over several processes the
-    loss is scaled by `rho_fused.ranks.ddp_sum_factor`. Not supported: `torch.nn.DataParallel` (refused), FSDP and
-    DeepSpeed (untested: their wrappers need the full forward to gather sharded weights).
+    loss is scaled by `rho_fused.ranks.ddp_sum_factor`. FSDP2 (accelerate's plugin, which applies
+    ``fully_shard`` to each decoder layer and the model in place): the loss runs as the sharded
+    model's forward too, where its LM head is whole; accelerate runs FSDP on GPUs only, so what is
+    tested is this loss path on a model sharded the same way over 2 CPU processes (the gradient equals
+    the one-process one). Not supported: `torch.nn.DataParallel` (refused), FSDP1 and DeepSpeed
+    (untested: their wrappers need the full forward to gather sharded weights).
     """
 
     def __init__(

@@ -156,7 +156,7 @@ def test_fsdp_needs_a_process_group() -> None:
         fsdp.shard(model, model)
 
 
-def test_torchrun_train_fsdp_equals_one_process(tmp_path: Path) -> None:
+def test_torchrun_train_fsdp_equals_one_process(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """``rho-fused train --fsdp`` on 2 processes: the weights and the log of the 1-process (unsharded) run."""
     from safetensors.torch import load_file
 
@@ -164,6 +164,10 @@ def test_torchrun_train_fsdp_equals_one_process(tmp_path: Path) -> None:
     with one_thread():
         assert main(score_argv(root, "scored1")) == 0
         assert main(train_argv(root, "train1")) == 0
+        capsys.readouterr()
+        assert main(train_argv(root, "train0", "--fsdp")) == 2  # no process group: refused in one line
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("rho-fused train: error: fsdp=True (--fsdp)") and "torchrun" in err and "\n" not in err
     proc = torchrun(2, train_argv(root, "train2", "--fsdp"))
     assert proc.stdout.count("trained ") == 1
     h1 = json.loads((root / "train1" / "history.json").read_text())
