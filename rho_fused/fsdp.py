@@ -45,13 +45,13 @@ def is_sharded(module: nn.Module) -> bool:
     return isinstance(module, FSDPModule)
 
 
-def mixed_precision_policy(device_type: str, *, root: bool = False) -> MixedPrecisionPolicy:
-    """bf16 parameters and fp32 gradient reduction on CUDA; the parameters' own dtype elsewhere.
+def mixed_precision_policy(bf16: bool, *, root: bool = False) -> MixedPrecisionPolicy:
+    """With ``bf16``, bf16 parameters for compute and fp32 gradient reduction; else the parameters' own dtype.
 
     The root does not cast its floating-point inputs: ``ref_loss`` enters there and must stay fp32
     (the layers' inputs are activations, cast to bf16 as usual).
     """
-    if device_type != "cuda":
+    if not bf16:
         return MixedPrecisionPolicy()
     return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=not root)
 
@@ -73,27 +73,28 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     return layers
 
 
-def shard(root: nn.Module, model: nn.Module, *, device_type: str | None = None) -> nn.Module:
+def shard(root: nn.Module, model: nn.Module, *, bf16: bool | None = None) -> nn.Module:
     """Apply ``fully_shard`` to each decoder layer of ``model``, then to ``root``; return ``root``.
 
     ``root`` contains ``model`` and computes the loss in its ``forward`` (or is ``model`` itself,
     with the loss run as its forward by `forward_through`). Every rank first takes rank 0's weights
     (as DDP does), so a model initialised differently on each rank still starts as one. The
-    parameters become DTensors: build the optimizer after this call.
+    parameters become DTensors: build the optimizer after this call. ``bf16`` (default: on CUDA)
+    selects the mixed-precision policy of `mixed_precision_policy`.
     """
     if not (dist.is_available() and dist.is_initialized()):
         raise ValueError("FSDP shards over the ranks of a process group: launch with torchrun (torch.distributed)")
     from torch.distributed.device_mesh import init_device_mesh
 
-    device = next(model.parameters()).device
-    device_type = device_type or device.type
+    device_type = next(model.parameters()).device.type
+    bf16 = device_type == "cuda" if bf16 is None else bf16
     with torch.no_grad():
         for t in model.state_dict().values():
             dist.broadcast(t, src=0)
     mesh = init_device_mesh(device_type, (dist.get_world_size(),))
     for layer in decoder_layers(model):
-        fully_shard(layer, mesh=mesh, mp_policy=mixed_precision_policy(device_type))
-    fully_shard(root, mesh=mesh, mp_policy=mixed_precision_policy(device_type, root=True))
+        fully_shard(layer, mesh=mesh, mp_policy=mixed_precision_policy(bf16))
+    fully_shard(root, mesh=mesh, mp_policy=mixed_precision_policy(bf16, root=True))
     return root
 
 

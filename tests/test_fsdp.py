@@ -76,6 +76,38 @@ def _check_step(rank: int, world: int, tied: bool) -> None:
         torch.testing.assert_close(fsdp.full_value(p.detach()), before[name] - expected[name], rtol=0, atol=1e-5)
 
 
+def _check_bf16_policy(rank: int, world: int) -> None:
+    """The GPU policy, run here on CPU: bf16 weights in the loss, ref_loss kept fp32, fp32 sharded gradients."""
+    from rho_fused import train_loop
+
+    batch = pad_batch(random_rows(4, VOCAB, lengths=(4, 15), seed=8))
+    own = {k: v[2 * rank : 2 * rank + 2] for k, v in batch.items()}
+    expected = _one_process_grads(False, batch)
+    model = tiny_llama(VOCAB, seed=1)
+    objective = SelectiveObjective(model, keep_ratio=KEEP, scope="global", backend="chunked")
+    fsdp.shard(objective, model, bf16=True)
+    seen = {}
+
+    def spy(m, input_ids, labels, *, ref_loss, **kwargs):
+        seen.update(head=m.lm_head.weight.dtype, ref_loss=ref_loss.dtype)
+        return causal_lm_loss(m, input_ids, labels, ref_loss=ref_loss, **kwargs)
+
+    train_loop.causal_lm_loss, original = spy, train_loop.causal_lm_loss
+    try:
+        loss, _ = objective(own["input_ids"], own["labels"], own["attention_mask"], own["ref_loss"])
+    finally:
+        train_loop.causal_lm_loss = original
+    assert seen == {"head": torch.bfloat16, "ref_loss": torch.float32}
+    (loss * world / kept_count(batch["labels"], KEEP)).backward()
+    grads = {n: fsdp.full_value(p.grad) for n, p in model.named_parameters()}
+    assert {g.dtype for g in grads.values()} == {torch.float32}
+    # bf16 compute against the fp32 step: the gradient's direction and size, to bf16's ~1% rounding
+    flat = torch.cat([grads[n].flatten() for n in expected])
+    truth = torch.cat([g.flatten() for g in expected.values()])
+    print(f"bf16 policy: relative gradient error {float((flat - truth).norm() / truth.norm()):.3g}")
+    assert float((flat - truth).norm() / truth.norm()) < 0.02
+
+
 def _check_trainer_path(rank: int, world: int, tmp: Path) -> None:
     """`SelectiveTrainer.compute_loss` on a model sharded as accelerate's FSDP2 plugin does (layers, then the model)."""
     import datasets
@@ -129,6 +161,7 @@ def _worker(rank: int, world: int, port: int, tmp: str) -> None:
     try:
         _check_step(rank, world, tied=False)
         _check_step(rank, world, tied=True)
+        _check_bf16_policy(rank, world)
         _check_trainer_path(rank, world, Path(tmp))
         _check_resume(rank, Path(tmp))
         dist.barrier()  # leave together (see tests/test_global_select.py)
@@ -143,8 +176,8 @@ def test_fsdp_two_gloo_processes_match_one_process(tmp_path: Path) -> None:
 
 
 def test_mixed_precision_policy() -> None:
-    gpu, root, cpu = (fsdp.mixed_precision_policy("cuda"), fsdp.mixed_precision_policy("cuda", root=True),
-                      fsdp.mixed_precision_policy("cpu"))  # fmt: skip
+    gpu, root, cpu = (fsdp.mixed_precision_policy(True), fsdp.mixed_precision_policy(True, root=True),
+                      fsdp.mixed_precision_policy(False))  # fmt: skip
     assert (gpu.param_dtype, gpu.reduce_dtype, gpu.cast_forward_inputs) == (torch.bfloat16, torch.float32, True)
     assert (root.param_dtype, root.reduce_dtype, root.cast_forward_inputs) == (torch.bfloat16, torch.float32, False)
     assert cpu.param_dtype is None and cpu.reduce_dtype is None
