@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from . import validation
 from .loss import fused_selective_loss
 from .problem import IGNORE_INDEX, SelectionStats, keep_count_int
-from .validation import SCOPES
+from .validation import SCOPES, refuse_dtensors
 
 
 def lm_head_of(model: nn.Module) -> tuple[Tensor, Tensor | None, float | None, float]:
@@ -69,6 +69,7 @@ def head_inputs(
     ``scale * (h @ W.T + b) = (scale * h) @ W.T + scale * b``.
     """
     weight, bias, softcap, scale = lm_head_of(model)
+    refuse_dtensors(weight=weight, bias=bias)  # FSDP2 outside the root's forward: say so before running the body
     hidden = final_hidden_states(model, input_ids, attention_mask, **model_kwargs)
     if scale != 1.0:
         hidden = hidden * scale

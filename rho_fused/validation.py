@@ -31,7 +31,7 @@ def _check_tensor(name: str, value: object) -> Tensor:
     return value
 
 
-def _refuse_dtensors(**tensors: object) -> None:
+def refuse_dtensors(**tensors: object) -> None:
     """A DTensor (e.g. an FSDP2-sharded LM head read outside the module's forward) holds a shard, not the tensor."""
     if not torch.distributed.is_available():
         return
@@ -67,7 +67,7 @@ def make_problem(
     targets = _check_tensor("targets", targets)
     if bias is not None:
         bias = _check_tensor("bias", bias)
-    _refuse_dtensors(hidden=hidden, weight=weight, bias=bias, targets=targets, ref_loss=ref_loss)
+    refuse_dtensors(hidden=hidden, weight=weight, bias=bias, targets=targets, ref_loss=ref_loss)
     hidden, weight, bias = autocast_inputs(hidden, weight, bias)
 
     if hidden.dtype not in FLOAT_DTYPES:

@@ -63,6 +63,8 @@ def _check_step(rank: int, world: int, tied: bool) -> None:
     # the LM head outside the root's forward is a DTensor: a clear error, not a crash or a wrong loss
     with pytest.raises(TypeError, match=r"weight must be a plain torch.Tensor, got a DTensor.*inside that forward"):
         fused_selective_loss(torch.randn(3, 32), model.lm_head.weight, torch.tensor([1, 2, 3]), keep_ratio=1.0)
+    with pytest.raises(TypeError, match=r"weight must be a plain torch.Tensor, got a DTensor"):
+        causal_lm_loss(model, own["input_ids"], own["labels"])  # the sharded model's loss, outside its forward
 
     loss, stats = objective(own["input_ids"], own["labels"], own["attention_mask"], own["ref_loss"])
     n_keep = kept_count(batch["labels"], KEEP)
