@@ -76,6 +76,14 @@ def _check_step(rank: int, world: int, tied: bool) -> None:
         grad = fsdp.full_value(p.grad)
         torch.testing.assert_close(grad, expected[name], rtol=1e-5, atol=1e-6, msg=name)
         torch.testing.assert_close(fsdp.full_value(p.detach()), before[name] - expected[name], rtol=0, atol=1e-5)
+    copy = fsdp.plain_copy(model)  # what `rho-fused train --fsdp` saves: whole, unsharded, on rank 0
+    if rank == 0:
+        assert (copy.lm_head.weight is copy.model.embed_tokens.weight) == tied
+        for name, p in copy.named_parameters():
+            assert type(p) is torch.nn.Parameter
+            torch.testing.assert_close(p.detach(), before[name] - expected[name], rtol=0, atol=1e-5)
+    else:
+        assert copy is None
 
 
 def _check_bf16_policy(rank: int, world: int) -> None:
