@@ -25,7 +25,7 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "dev": ["pytest", "pytest-benchmark", "hypothesis", "ruff"],
+        "dev": ["pytest", "pytest-benchmark", "hypothesis", "ruff", "trl>=1.16", "peft>=0.21", "tensorboard"],
         "demo": ["champ-dataset", "matplotlib"],
         "bench": ["pytest-benchmark", "matplotlib", "cut-cross-entropy"],
     },

@@ -1,4 +1,4 @@
-"""The ``rho-fused`` command: ``score``, ``train`` and ``demo`` (also ``python -m rho_fused``).
+"""The ``rho-fused`` command: ``score``, ``train``, ``report`` and ``demo`` (also ``python -m rho_fused``).
 
 ``score`` and ``train`` also run under ``torchrun --nproc-per-node N`` (data parallel): the
 process group is initialised from torchrun's environment (``gloo`` on CPU, ``nccl`` on CUDA, one
@@ -69,8 +69,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .train_loop import TrainConfig, save_model, train
 
     tokenizer = _tokenizer(args.tokenizer, args.model, args.config)
-    data, meta = load_scored(args.data, tokenizer)  # refuses a corpus scored with another tokenizer
-    eval_data = load_scored(args.eval_data, tokenizer)[0] if args.eval_data else None
+    if args.ref_model:  # online reference: a corpus in, scored batch by batch during training
+        from .online_ref import corpus_rows_for_training
+
+        data = corpus_rows_for_training(args.data, tokenizer, args.seq_len, args.text_column)
+        meta = {"online_reference": str(args.ref_model)}
+        eval_data = None
+        if args.eval_data:
+            eval_data = corpus_rows_for_training(args.eval_data, tokenizer, args.seq_len, args.text_column)
+    else:
+        data, meta = load_scored(args.data, tokenizer)  # refuses a corpus scored with another tokenizer
+        eval_data = load_scored(args.eval_data, tokenizer)[0] if args.eval_data else None
     torch.manual_seed(args.seed)
     if args.model:
         model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
@@ -82,6 +91,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     model.to(local_device(args.device))
     cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
     out = Path(args.out)
+    ref_model, on_log, trajectory = _train_extras(args, cfg, tokenizer, eval_data, out)
     history = train(
         model,
         data,
@@ -91,7 +101,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         resume=args.resume,
         stop_at=args.stop_at,
         progress=not args.no_progress,
+        ref_model=ref_model,
+        on_log=on_log,
+        trajectory=trajectory,
     )
+    if on_log is not None:
+        on_log.close()
     if cfg.fsdp:  # gather the shards (every rank takes part): rank 0 then holds the whole model
         from .fsdp import plain_copy
 
@@ -107,6 +122,34 @@ def cmd_train(args: argparse.Namespace) -> int:
     last = history[-1] if history else {}
     summary = ", ".join(f"{k} {v:.4g}" for k, v in last.items())
     print(f"trained {cfg.steps} steps -> {out / 'model'}; last log: {summary}")
+    return 0
+
+
+def _train_extras(args: argparse.Namespace, cfg: Any, tokenizer: Any, eval_data: Any, out: Path) -> tuple[Any, ...]:
+    """``train``'s online reference (--ref-model), TensorBoard log (--report-to) and token trajectory."""
+    from .online_ref import load_reference
+    from .selection_log import TRAJECTORY_FILE, TensorBoardLog, TokenTrajectory
+
+    ref_model = load_reference(args.ref_model, tokenizer, local_device(args.device)) if args.ref_model else None
+    on_log = TensorBoardLog(out / "tensorboard") if args.report_to == "tensorboard" and args.rank == 0 else None
+    trajectory = None
+    if args.trajectory_every:
+        if eval_data is None:
+            raise ValueError("--trajectory-every needs --eval-data: its first --trajectory-rows rows are the sample")
+        rows = [eval_data[i] for i in range(min(args.trajectory_rows, len(eval_data)))]
+        trajectory = TokenTrajectory(
+            rows, out / TRAJECTORY_FILE, keep_ratio=cfg.keep_ratio, every=args.trajectory_every, ref_model=ref_model
+        )
+    return ref_model, on_log, trajectory
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """Draw a run's curves (PNG) and token view (HTML)."""
+    from .report import write_report
+
+    tokenizer = _tokenizer(args.tokenizer) if args.tokenizer else None
+    written = write_report(args.run, args.out, tokenizer)
+    print("wrote " + ", ".join(str(p) for p in written.values()))
     return 0
 
 
@@ -159,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "train", formatter_class=defaults, help="train a causal LM with SLM (or plain CLM with --keep-ratio 1)"
     )
-    p.add_argument("--data", required=True, help="scored dataset from `rho-fused score`")
+    p.add_argument("--data", required=True, help="scored dataset from `rho-fused score` (with --ref-model: a corpus)")
     p.add_argument("--out", required=True, help="output directory: checkpoint/, model/, history.json")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", help="start from this pretrained model (directory or name)")
@@ -199,7 +242,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop-at", type=int, help="stop after this step (with a checkpoint), as if interrupted")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument(
+        "--ref-model", help="online reference: score each batch with this model; --data is then a corpus as for score"
+    )
+    p.add_argument("--seq-len", type=int, default=1024, help="with --ref-model: tokens per row of the corpus")
+    p.add_argument("--text-column", default="text", help="with --ref-model: the corpus's text column")
+    p.add_argument("--report-to", choices=("none", "tensorboard"), default="none", help="also log to OUT/tensorboard")
+    p.add_argument(
+        "--trajectory-every", type=int, default=0, help="record the held-out sample's per-token excess every N steps"
+    )
+    p.add_argument("--trajectory-rows", type=int, default=4, help="rows of --eval-data in the held-out sample")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("report", formatter_class=defaults, help="draw a run's curves (PNG) and token view (HTML)")
+    p.add_argument("run", help="output directory of `rho-fused train`, or of a SelectiveTrainer")
+    p.add_argument("--out", help="where to write curves.png and tokens.html (default: RUN/report)")
+    p.add_argument("--tokenizer", help="decodes the token view (default: RUN/model's tokenizer)")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser(
         "demo", formatter_class=defaults, help="the whole pipeline on CPU on the champ-dataset math corpus"
@@ -231,7 +290,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _silence_library_bars()
 
     try:
-        if args.command == "demo":
+        if args.command in ("demo", "report"):
             return int(args.func(args) or 0)
         with process_group_from_env(args.device) as args.rank:
             if args.rank != 0:  # one set of progress bars: rank 0's

@@ -12,6 +12,12 @@ so DDP's gradient synchronisation happens (calling the unwrapped model's body, a
 ``scope="global"`` selects over every rank's micro-batch at once (the paper's batch-level
 selection when the batch is spread over ranks); ``"batch"`` and ``"sequence"`` select within each
 rank's micro-batch. `torch.nn.DataParallel` (several GPUs, one process) is refused: use torchrun.
+
+Online reference: ``SelectiveTrainer(..., ref_model=reference)`` scores each training batch with
+the frozen reference as it arrives (`rho_fused.online_ref`) instead of reading a ``ref_loss``
+column; ``self_reference=True`` uses the PEFT model under training with its adapters disabled.
+The selection statistics (`rho_fused.selection_log.SelectionLog`) join every training log line as
+``slm/...`` entries, so ``report_to="tensorboard"`` or ``"wandb"`` receive them.
 """
 
 from __future__ import annotations
@@ -27,20 +33,26 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from .data import pad_batch
 from .fsdp import is_sharded
 from .hf import causal_lm_loss, kept_count, valid_count
+from .online_ref import adapter_free_losses, frozen_reference, reference_losses
 from .problem import keep_count_int
 from .ranks import ddp_sum_factor, loss_scope, rank_and_world, sum_over_ranks
+from .selection_log import SelectionLog
 from .validation import SCOPES
 
 
 class SelectiveDataCollator:
     """Pads rows of ``input_ids`` (and ``ref_loss``) into ``input_ids``, ``attention_mask``, ``labels``
-    (``ignore_index`` at padding) and ``ref_loss`` (0 at padding): `rho_fused.data.pad_batch`."""
+    (``ignore_index`` at padding) and ``ref_loss`` (0 at padding): `rho_fused.data.pad_batch`.
+    A ``source`` column passes through as a list of strings (the per-source kept fractions)."""
 
     def __init__(self, pad_token_id: int = 0) -> None:
         self.pad_token_id = pad_token_id
 
-    def __call__(self, rows: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        return pad_batch(rows, pad_id=self.pad_token_id)
+    def __call__(self, rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        batch: dict[str, Any] = pad_batch(rows, pad_id=self.pad_token_id)
+        if "source" in rows[0]:
+            batch["source"] = [str(r["source"]) for r in rows]
+        return batch
 
 
 class SelectiveTrainer(Trainer):
@@ -55,6 +67,17 @@ class SelectiveTrainer(Trainer):
     Training batches need a ``ref_loss`` column when ``keep_ratio < 1``; it is kept by
     ``remove_unused_columns``. Other arguments go to `transformers.Trainer`; the default data
     collator is `SelectiveDataCollator`.
+
+    ``ref_model``: a reference model that scores each training batch on the fly (eval mode, no
+    graph, on the training device, under the batch's autocast), giving the ``ref_loss`` that
+    `rho-fused score` would have stored; the batches then need no ``ref_loss`` column (one is
+    refused: two references would be ambiguous). ``self_reference=True``: the reference is the
+    PEFT model under training with its adapters disabled (no second copy of the weights).
+
+    Every training log line gets the selection statistics of the micro-batches since the last
+    one (`SelectionLog`): ``slm/kept_fraction``, ``slm/threshold``, ``slm/excess_kept``,
+    ``slm/excess_dropped``, ``slm/ref_loss`` and, when the rows have a ``source`` column,
+    ``slm/kept_fraction/SOURCE``.
 
     What is tested: one process (CPU), and DDP over 2 CPU processes under torchrun with
     ``scope="global"`` (one optimizer step equals the one-process step on the same rows). Under
@@ -76,11 +99,18 @@ class SelectiveTrainer(Trainer):
         backend: str = "auto",
         average_over_accumulation: bool = True,
         eval_keep_ratio: float = 1.0,
+        ref_model: nn.Module | None = None,
+        self_reference: bool = False,
         **kwargs: Any,
     ) -> None:
-        if kwargs.get("data_collator") is None:
+        if ref_model is not None and self_reference:
+            raise ValueError("pass either ref_model or self_reference=True, not both")
+        if kwargs.get("data_collator") is None and self.pads_own_rows:
             kwargs["data_collator"] = SelectiveDataCollator()
         super().__init__(*args, **kwargs)
+        self.ref_model = None if ref_model is None else frozen_reference(ref_model, self.args.device)
+        self.self_reference = self_reference
+        self.selection_log = SelectionLog()
         self.keep_ratio = keep_ratio
         self.scope = scope
         self.backend = backend
@@ -93,14 +123,17 @@ class SelectiveTrainer(Trainer):
         if scope not in SCOPES:
             raise ValueError(f"scope must be one of {SCOPES}, got scope={scope!r}")
 
+    pads_own_rows = True  # the default collator is SelectiveDataCollator (subclasses may bring their own)
+
     def _loss_scope(self) -> str:
         """The scope the loss runs with: ``"global"`` only over a process group of size > 1, else ``"batch"``."""
         return loss_scope(self.scope, rank_and_world()[1])
 
     def _set_signature_columns_if_needed(self) -> None:
         super()._set_signature_columns_if_needed()
-        if "ref_loss" not in self._signature_columns:
-            self._signature_columns.append("ref_loss")
+        for column in ("ref_loss", "source"):
+            if column not in self._signature_columns:
+                self._signature_columns.append(column)
 
     def get_batch_samples(self, epoch_iterator: Any, num_batches: int, device: torch.device) -> tuple[list, Any]:
         """As `Trainer.get_batch_samples`, with ``num_items_in_batch`` the count of *kept* tokens.
@@ -141,12 +174,20 @@ class SelectiveTrainer(Trainer):
         inputs = dict(inputs)
         labels = inputs.pop("labels")
         ref_loss = inputs.pop("ref_loss", None)
+        sources = inputs.pop("source", None)
         input_ids = inputs.pop("input_ids")
         attention_mask = inputs.pop("attention_mask", None)
         keep = self.keep_ratio if model.training else self.eval_keep_ratio
-        if keep < 1.0 and ref_loss is None:
-            raise ValueError(f"keep_ratio={keep} needs a 'ref_loss' column in the batch (rho-fused score)")
         unwrapped = self.accelerator.unwrap_model(model)
+        if keep < 1.0 and (self.ref_model is not None or self.self_reference):
+            if ref_loss is not None:
+                raise ValueError("the batch has a 'ref_loss' column and the trainer an online reference: drop one")
+            ref_loss = self.online_ref_loss(unwrapped, input_ids, labels, attention_mask, inputs)
+        if keep < 1.0 and ref_loss is None:
+            raise ValueError(
+                f"keep_ratio={keep} needs a 'ref_loss' column in the batch (rho-fused score), "
+                "a ref_model, or self_reference=True"
+            )
         if isinstance(model, nn.DataParallel):
             raise ValueError(
                 "SelectiveTrainer does not support torch.nn.DataParallel (several GPUs in one process): "
@@ -154,9 +195,10 @@ class SelectiveTrainer(Trainer):
             )
         normalise = model.training and self.average_over_accumulation and num_items_in_batch is not None
         scope = self._loss_scope()  # in training and evaluation
+        seen: list[Any] = []  # the SelectionStats of the call, for the log
 
         def loss_fn() -> torch.Tensor:
-            return causal_lm_loss(
+            loss, stats = causal_lm_loss(
                 unwrapped,
                 input_ids,
                 labels,
@@ -166,10 +208,15 @@ class SelectiveTrainer(Trainer):
                 scope=scope,
                 backend=self.backend,
                 reduction="sum" if normalise else "mean",
+                return_stats=True,
                 **inputs,
             )
+            seen.append(stats)
+            return loss
 
         loss = run_as_forward(model, unwrapped, loss_fn)
+        if model.training:
+            self.selection_log.add(seen[0], labels, ref_loss if keep < 1.0 else None, sources)
         if normalise:
             loss = loss / torch.as_tensor(num_items_in_batch, device=loss.device, dtype=loss.dtype)
         # each rank's loss is its share of one global loss (the Trainer's count of the accumulated
@@ -179,6 +226,28 @@ class SelectiveTrainer(Trainer):
         elif normalise and self.args.average_tokens_across_devices and self.args.world_size > 1:
             loss = loss * ddp_sum_factor(self.accelerator.num_processes)
         return (loss, CausalLMOutputWithPast(loss=loss)) if return_outputs else loss
+
+    def online_ref_loss(
+        self,
+        model: nn.Module,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        model_kwargs: dict[str, Any],
+    ) -> torch.Tensor:
+        """``ref_loss`` of the batch from the online reference (``ref_model``, or ``model``'s adapters off)."""
+        kwargs = {"attention_mask": attention_mask, "backend": self.backend, **model_kwargs}
+        if self.self_reference:
+            return adapter_free_losses(model, input_ids, labels, **kwargs)
+        return reference_losses(self.ref_model, input_ids, labels, **kwargs)
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        """`Trainer.log`, with the selection statistics since the last training log line as ``slm/...``."""
+        if "loss" in logs:  # a training log line (evaluation's are eval_*)
+            summary = self.selection_log.merged_over_ranks().summary()
+            logs.update({f"slm/{k}": round(v, 6) for k, v in summary.items()})
+            self.selection_log.reset()
+        super().log(logs, *args, **kwargs)
 
 
 def run_as_forward(wrapper: nn.Module, inner: nn.Module, fn: Callable[[], torch.Tensor]) -> torch.Tensor:

@@ -25,7 +25,7 @@ import functools
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,6 +38,7 @@ from . import fsdp as fsdp_
 from .atomic import atomic_dir, recover, write_json
 from .data import pad_batch
 from .hf import causal_lm_loss, kept_count, valid_count
+from .online_ref import reference_losses
 from .ranks import (
     barrier,
     ddp_sum_factor,
@@ -48,6 +49,7 @@ from .ranks import (
     sum_over_ranks,
     wrap_for_ranks,
 )
+from .selection_log import SelectionLog, TokenTrajectory
 from .validation import SCOPES
 
 # What `train` selects over: the whole global batch (every rank's shard together), or each row.
@@ -212,10 +214,14 @@ def load_checkpoint(
     return state["step"], state["history"]
 
 
-def check_run(data: Sequence[Any], cfg: TrainConfig, world: int) -> None:
+def check_run(data: Sequence[Any], cfg: TrainConfig, world: int, online_ref: bool = False) -> None:
     """Refuse what `train` cannot do: SLM without ``ref_loss``, an unknown scope, a rank with no row."""
-    if cfg.keep_ratio < 1.0 and "ref_loss" not in data[0]:
-        raise ValueError(f"keep_ratio={cfg.keep_ratio} needs a scored dataset with 'ref_loss' (rho-fused score)")
+    if cfg.keep_ratio < 1.0 and "ref_loss" not in data[0] and not online_ref:
+        raise ValueError(
+            f"keep_ratio={cfg.keep_ratio} needs a scored dataset with 'ref_loss' (rho-fused score) or a ref_model"
+        )
+    if online_ref and "ref_loss" in data[0]:
+        raise ValueError("the data has a 'ref_loss' column and a ref_model is given: pass one reference, not both")
     if cfg.scope not in TRAIN_SCOPES:
         raise ValueError(f"scope must be one of {TRAIN_SCOPES} (the global batch, or each row), got {cfg.scope!r}")
     if cfg.batch_size < world:
@@ -268,6 +274,9 @@ def train(
     stop_at: int | None = None,
     progress: bool = True,
     desc: str = "train",
+    ref_model: nn.Module | None = None,
+    on_log: Callable[[dict[str, float]], None] | None = None,
+    trajectory: TokenTrajectory | None = None,
 ) -> list[dict[str, float]]:
     """Train ``model`` in place for ``cfg.steps`` optimizer steps on ``data`` and return the log.
 
@@ -292,9 +301,18 @@ def train(
     ``batch_size`` must be at least ``world``. With ``cfg.fsdp`` the decoder layers and the root are
     sharded with FSDP2 (the same gradients, reduce-scattered: each rank keeps its shard), checkpoints
     are sharded (every rank writes), and ``model`` is left sharded: `rho_fused.fsdp.plain_copy` gathers it.
+
+    ``ref_model``: the online reference (`rho_fused.online_ref`): each micro-batch's ``ref_loss``
+    is computed by this frozen model as it is drawn (``data`` then has no ``ref_loss``); the same
+    numbers as scoring ``data`` first, hence the same weights. Log entries also hold
+    ``excess_kept``, ``excess_dropped`` and ``ref_loss`` of the step (`SelectionLog`), and go to
+    ``on_log`` (on rank 0) as they are made. ``trajectory`` records its held-out sample every
+    ``trajectory.every`` steps and at the end, written by rank 0.
     """
     rank, world = rank_and_world()
-    check_run(data, cfg, world)
+    check_run(data, cfg, world, online_ref=ref_model is not None)
+    if trajectory is not None and cfg.fsdp:  # rank 0 alone records, and a sharded model needs every rank
+        raise ValueError("a token trajectory (--trajectory-every) is not recorded under fsdp=True (--fsdp)")
     ckpt = Path(out_dir) / CHECKPOINT if out_dir is not None else None
     device = next(model.parameters()).device
     objective = SelectiveObjective(
@@ -305,6 +323,8 @@ def train(
     optimizer = make_optimizer(model, cfg)
     save, load = (fsdp_.save_checkpoint, fsdp_.load_checkpoint) if cfg.fsdp else (save_checkpoint, load_checkpoint)
     step, history = load(ckpt, model, optimizer, cfg) if resume else (0, [])
+    if trajectory is not None:
+        trajectory.resume(step)
     order = BatchOrder(len(data), cfg.batch_size, cfg.seed)
     shard = slice(*shard_bounds(cfg.batch_size, rank, world))
     model.train()
@@ -324,14 +344,19 @@ def train(
         ]
         n_keep = global_kept_count(batches, cfg)
         n_valid = sum(valid_count(b["labels"]) for b in batches)
-        totals = StepTotals()
+        totals, selection = StepTotals(), SelectionLog()
         for m, full in enumerate(batches):
             b = {k: v[shard].to(device) for k, v in full.items()}  # this rank's shard
+            if ref_model is not None and cfg.keep_ratio < 1.0:
+                b["ref_loss"] = reference_losses(
+                    ref_model, b["input_ids"], b["labels"], attention_mask=b["attention_mask"], backend=cfg.backend
+                )
             sync = world > 1 and m < cfg.accum_steps - 1  # DDP / FSDP reduce on the last micro-batch only
             with fsdp_.gradient_sync_off(net) if sync else contextlib.nullcontext():
                 loss, stats = net(b["input_ids"], b["labels"], b["attention_mask"], b.get("ref_loss"))
                 (loss * (ddp_sum_factor(world) / max(n_keep, 1))).backward()
             totals.add(loss, stats, b["attention_mask"])
+            selection.add(stats, b["labels"], b.get("ref_loss"))
         totals = totals.over_ranks(device)
         tokens += totals.tokens
         if totals.kept != n_keep:  # the tokens the loss kept, over all ranks, against the count it was divided by
@@ -357,12 +382,20 @@ def train(
                 "grad_norm": grad_norm,
                 "tok_per_s": tokens / max(time.perf_counter() - t0, 1e-9),
             }
+            # the step's kept fraction and threshold are already there (exact over the step's ranks)
+            extra = selection.merged_over_ranks().summary()
+            entry.update({k: v for k, v in extra.items() if k not in ("kept_fraction", "threshold")})
             if eval_data is not None and (eval_now or step == cfg.steps):
                 run_eval = functools.partial(fsdp_.evaluate, net) if cfg.fsdp else evaluate
                 entry["eval_loss"] = run_eval(model, eval_data, batch_size=cfg.batch_size, backend=cfg.backend)
             history.append(entry)
+            if on_log is not None and rank == 0:
+                on_log(entry)
             bar.set_postfix({k: f"{entry[k]:.3g}" for k in BAR_FIELDS if k in entry})
         bar.update(1)
+        if trajectory is not None and rank == 0 and (last or step % trajectory.every == 0):
+            trajectory.record(model, step)
+            trajectory.save()
         if last or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
             if ckpt is not None and (rank == 0 or cfg.fsdp):  # sharded: every rank writes its shards
                 state = {"step": step, "history": history, "config": dataclasses.asdict(cfg)}
