@@ -258,6 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", help="output directory of `rho-fused train`, or of a SelectiveTrainer")
     p.add_argument("--out", help="where to write curves.png and tokens.html (default: RUN/report)")
     p.add_argument("--tokenizer", help="decodes the token view (default: RUN/model's tokenizer)")
+    p.add_argument("--no-progress", action="store_true", help="(no progress bars are shown anyway)")
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser(
