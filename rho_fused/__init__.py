@@ -16,6 +16,10 @@ the kernels, then the training pipeline built on the public API:
     kernels        the Triton kernels, one per file with its launcher (kernels/ in the tree, installed here)
     hf             a Hugging Face causal LM's loss without its logits (`causal_lm_loss`, `kept_count`)
     hf_trainer     `SelectiveTrainer`: `transformers.Trainer` with the fused selective loss
+    trl            `SelectiveSFTTrainer`: `trl.SFTTrainer` with it (PEFT adapters, a self-reference)
+    online_ref     the reference scoring each training batch as it arrives (`reference_losses`)
+    selection_log  selection statistics for the logs (`SelectionLog`), `TokenTrajectory`, TensorBoard
+    report         `rho-fused report`: a run's curves (PNG) and token view (HTML)
     train_loop     the minimal training loop behind `rho-fused train` (`train`, `TrainConfig`, `evaluate`)
     ranks          data-parallel runs: rank and world, torchrun's process group, shards, the DDP scaling rule
     fsdp           FSDP2: `shard` (fully_shard per decoder layer and root), the loss in the root's forward, DCP
@@ -24,7 +28,7 @@ the kernels, then the training pipeline built on the public API:
     atomic         atomic writes: an output appears complete under its name, or not at all
     champ          the demo's corpus, from the champ-dataset package
     demo           `rho-fused demo`: the whole pipeline on CPU, CLM against SLM
-    cli            the `rho-fused` command: score, train, demo (also `python -m rho_fused`)
+    cli            the `rho-fused` command: score, train, report, demo (also `python -m rho_fused`)
 """
 
 from .hf import causal_lm_loss

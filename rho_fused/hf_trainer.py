@@ -36,7 +36,7 @@ from .hf import causal_lm_loss, kept_count, valid_count
 from .online_ref import adapter_free_losses, frozen_reference, reference_losses
 from .problem import keep_count_int
 from .ranks import ddp_sum_factor, loss_scope, rank_and_world, sum_over_ranks
-from .selection_log import SelectionLog
+from .selection_log import SelectionLog, TokenTrajectory, TrajectoryCallback
 from .validation import SCOPES
 
 
@@ -77,7 +77,8 @@ class SelectiveTrainer(Trainer):
     Every training log line gets the selection statistics of the micro-batches since the last
     one (`SelectionLog`): ``slm/kept_fraction``, ``slm/threshold``, ``slm/excess_kept``,
     ``slm/excess_dropped``, ``slm/ref_loss`` and, when the rows have a ``source`` column,
-    ``slm/kept_fraction/SOURCE``.
+    ``slm/kept_fraction/SOURCE``. ``trajectory``: a `TokenTrajectory` recorded every
+    ``trajectory.every`` steps and at the last (put its file in ``output_dir`` for ``rho-fused report``).
 
     What is tested: one process (CPU), and DDP over 2 CPU processes under torchrun with
     ``scope="global"`` (one optimizer step equals the one-process step on the same rows). Under
@@ -91,6 +92,8 @@ class SelectiveTrainer(Trainer):
     (untested: their wrappers need the full forward to gather sharded weights).
     """
 
+    pads_own_rows = True  # the default collator is SelectiveDataCollator (subclasses may bring their own)
+
     def __init__(
         self,
         *args: Any,
@@ -101,6 +104,7 @@ class SelectiveTrainer(Trainer):
         eval_keep_ratio: float = 1.0,
         ref_model: nn.Module | None = None,
         self_reference: bool = False,
+        trajectory: TokenTrajectory | None = None,
         **kwargs: Any,
     ) -> None:
         if ref_model is not None and self_reference:
@@ -111,6 +115,8 @@ class SelectiveTrainer(Trainer):
         self.ref_model = None if ref_model is None else frozen_reference(ref_model, self.args.device)
         self.self_reference = self_reference
         self.selection_log = SelectionLog()
+        if trajectory is not None:
+            self.add_callback(TrajectoryCallback(trajectory))
         self.keep_ratio = keep_ratio
         self.scope = scope
         self.backend = backend
@@ -122,8 +128,6 @@ class SelectiveTrainer(Trainer):
         self.loss_is_scaled_for_ga = None if average_over_accumulation else False
         if scope not in SCOPES:
             raise ValueError(f"scope must be one of {SCOPES}, got scope={scope!r}")
-
-    pads_own_rows = True  # the default collator is SelectiveDataCollator (subclasses may bring their own)
 
     def _loss_scope(self) -> str:
         """The scope the loss runs with: ``"global"`` only over a process group of size > 1, else ``"batch"``."""
@@ -245,7 +249,7 @@ class SelectiveTrainer(Trainer):
         """`Trainer.log`, with the selection statistics since the last training log line as ``slm/...``."""
         if "loss" in logs:  # a training log line (evaluation's are eval_*)
             summary = self.selection_log.merged_over_ranks().summary()
-            logs.update({f"slm/{k}": round(v, 6) for k, v in summary.items()})
+            logs.update({f"slm/{k}": v for k, v in summary.items()})
             self.selection_log.reset()
         super().log(logs, *args, **kwargs)
 

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from transformers import TrainerCallback
 
 from .atomic import write_json
 from .data import pad_batch
@@ -37,21 +38,26 @@ def scored_mask(labels: Tensor, ignore_index: int = IGNORE_INDEX) -> Tensor:
 
 
 class SelectionLog:
-    """Sums of the selection statistics of the micro-batches seen since the last `summary`.
+    """Sums of the selection statistics of the micro-batches seen since the last `reset`.
 
     Per interval: ``kept_fraction = kept / valid``; ``threshold``: the mean over micro-batches of
     the smallest kept excess (over the batch's selection groups); ``excess_kept`` and
     ``excess_dropped``: the mean excess ``ce - ref_loss`` of the kept and of the dropped valid tokens;
     ``ref_loss``: the mean reference loss of the valid tokens; ``kept_fraction/S``: the kept
-    fraction of the tokens of rows whose ``source`` is ``S``.
+    fraction of the tokens of rows whose ``source`` is ``S``. `add` keeps its sums on the
+    statistics' device (no host synchronisation per micro-batch); `summary` reads them once.
     """
+
+    FIELDS = ("valid", "kept", "dropped", "excess_kept", "excess_dropped", "ref_loss", "ref_count",
+              "threshold", "thresholds")  # fmt: skip
 
     def __init__(self) -> None:
         self.reset()
 
     def reset(self) -> None:
-        self.sums: dict[str, float] = defaultdict(float)
-        self.thresholds: list[float] = []
+        self._pending: list[Tensor] = []  # one [len(FIELDS)] fp64 row per micro-batch, on its device
+        self._pending_sources: list[tuple[list[str], Tensor]] = []  # (sources, [2, B] kept and valid per row)
+        self.sums: dict[str, float] = dict.fromkeys(self.FIELDS, 0.0)
         self.by_source: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])  # kept, valid
 
     def add(
@@ -66,41 +72,56 @@ class SelectionLog:
         valid = scored_mask(labels, ignore_index).to(stats.kept.device)
         kept = stats.kept & valid
         dropped = valid & ~kept
-        excess = stats.excess.double()
-        s = self.sums
-        s["valid"] += float(valid.sum())
-        s["kept"] += float(kept.sum())
-        s["dropped"] += float(dropped.sum())
-        s["excess_kept"] += float(excess[kept].sum())
-        s["excess_dropped"] += float(excess[dropped].sum())
-        if ref_loss is not None:
-            s["ref_loss"] += float(ref_loss.to(valid.device).double()[valid].sum())
-            s["ref_count"] += float(valid.sum())
-        finite = stats.threshold.detach().double()
-        finite = finite[torch.isfinite(finite)]
-        if finite.numel():
-            self.thresholds.append(float(finite.min()))
+        excess = stats.excess.detach().double()
+        zero = excess.new_zeros(())
+        n_valid = valid.sum().double()
+        ref_sum = zero if ref_loss is None else torch.where(valid, ref_loss.to(valid.device).double(), 0.0).sum()
+        threshold = stats.threshold.detach().double().reshape(-1)
+        finite = torch.isfinite(threshold)
+        smallest = torch.where(finite, threshold, torch.inf).min()
+        row = [
+            n_valid,
+            kept.sum().double(),
+            dropped.sum().double(),
+            torch.where(kept, excess, 0.0).sum(),
+            torch.where(dropped, excess, 0.0).sum(),
+            ref_sum,
+            zero if ref_loss is None else n_valid,
+            torch.where(finite.any(), smallest, 0.0),
+            finite.any().double(),
+        ]
+        self._pending.append(torch.stack(row))
         if sources is not None:
             if len(sources) != labels.shape[0]:
                 raise ValueError(f"sources: expected one per row of labels ({labels.shape[0]}), got {len(sources)}")
-            per_row_kept = kept.reshape(len(sources), -1).sum(-1).tolist()
-            per_row_valid = valid.reshape(len(sources), -1).sum(-1).tolist()
-            for src, k, v in zip(sources, per_row_kept, per_row_valid, strict=True):
-                self.by_source[str(src)][0] += k
-                self.by_source[str(src)][1] += v
+            per_row = torch.stack([kept.reshape(len(sources), -1).sum(-1), valid.reshape(len(sources), -1).sum(-1)])
+            self._pending_sources.append(([str(x) for x in sources], per_row))
+
+    def _settle(self) -> None:
+        """Move the pending device sums into ``sums`` and ``by_source`` (one read back)."""
+        if self._pending:
+            totals = torch.stack(self._pending).sum(0).tolist()
+            for field, value in zip(self.FIELDS, totals, strict=True):
+                self.sums[field] += value
+        for sources, per_row in self._pending_sources:
+            kept, valid = per_row.tolist()
+            for src, k, v in zip(sources, kept, valid, strict=True):
+                self.by_source[src][0] += k
+                self.by_source[src][1] += v
+        self._pending, self._pending_sources = [], []
 
     def merged_over_ranks(self) -> SelectionLog:
         """This log with every rank's added in (a collective under torch.distributed; every rank must call)."""
+        self._settle()
         dist = torch.distributed
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
             return self
         parts: list[Any] = [None] * dist.get_world_size()
-        dist.all_gather_object(parts, (dict(self.sums), self.thresholds, dict(self.by_source)))
+        dist.all_gather_object(parts, (self.sums, dict(self.by_source)))
         out = SelectionLog()
-        for sums, thresholds, by_source in parts:
+        for sums, by_source in parts:
             for k, v in sums.items():
                 out.sums[k] += v
-            out.thresholds += thresholds
             for src, (k, v) in by_source.items():
                 out.by_source[src][0] += k
                 out.by_source[src][1] += v
@@ -108,17 +129,18 @@ class SelectionLog:
 
     def summary(self) -> dict[str, float]:
         """The interval's statistics (keys as in the class docstring); empty when nothing was added."""
+        self._settle()
         s = self.sums
-        if not s.get("valid"):
+        if not s["valid"]:
             return {}
         out = {"kept_fraction": s["kept"] / s["valid"]}
-        if self.thresholds:
-            out["threshold"] = sum(self.thresholds) / len(self.thresholds)
+        if s["thresholds"]:
+            out["threshold"] = s["threshold"] / s["thresholds"]
         if s["kept"]:
             out["excess_kept"] = s["excess_kept"] / s["kept"]
         if s["dropped"]:
             out["excess_dropped"] = s["excess_dropped"] / s["dropped"]
-        if s.get("ref_count"):
+        if s["ref_count"]:
             out["ref_loss"] = s["ref_loss"] / s["ref_count"]
         for src, (k, v) in sorted(self.by_source.items()):
             if v:
@@ -221,6 +243,20 @@ class TokenTrajectory:
                 "records": self.records,
             },
         )
+
+
+class TrajectoryCallback(TrainerCallback):
+    """Records a `TokenTrajectory` in a `transformers.Trainer` every ``trajectory.every`` steps and at the last."""
+
+    def __init__(self, trajectory: TokenTrajectory) -> None:
+        self.trajectory = trajectory
+
+    def on_step_end(self, args: Any, state: Any, control: Any, model: nn.Module | None = None, **kwargs: Any) -> None:
+        step = state.global_step
+        due = step % self.trajectory.every == 0 or step == state.max_steps
+        if due and state.is_world_process_zero and model is not None:
+            self.trajectory.record(model, step)
+            self.trajectory.save()
 
 
 def _rounded(x: Tensor) -> list[float]:

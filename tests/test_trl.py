@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import re
 from pathlib import Path
 
@@ -14,8 +15,10 @@ datasets = pytest.importorskip("datasets")
 trl = pytest.importorskip("trl")  # the dev extra installs it; an import error here is a set-up error
 peft = pytest.importorskip("peft")
 
+from rho_fused.cli import main  # noqa: E402
 from rho_fused.hf import kept_count  # noqa: E402
 from rho_fused.online_ref import adapter_free_losses, reference_losses  # noqa: E402
+from rho_fused.selection_log import TokenTrajectory  # noqa: E402
 from rho_fused.trl import SelectiveSFTTrainer  # noqa: E402
 
 # A chat template that marks the assistant's turns, as TRL's assistant_only_loss needs
@@ -117,7 +120,11 @@ def _lora_trainer(tmp_path: Path, tokenizer, model, **kw):
 
 def test_keep_point_six_trains_adapters_only_against_the_base_model(tmp_path, tokenizer) -> None:
     base = tiny_llama(len(tokenizer), seed=0)
-    trainer = _lora_trainer(tmp_path, tokenizer, copy.deepcopy(base), keep_ratio=0.6)
+    held_out = [
+        {"input_ids": tokenizer(f"Problem {i}: add 1 and {i}. The sum is {i + 1}.")["input_ids"]} for i in (20, 21)
+    ]
+    trajectory = TokenTrajectory(held_out, tmp_path / "trajectory.json", keep_ratio=0.6, every=1, self_reference=True)
+    trainer = _lora_trainer(tmp_path, tokenizer, copy.deepcopy(base), keep_ratio=0.6, trajectory=trajectory)
     model = trainer.model
     assert trainer.self_reference and hasattr(model, "disable_adapter")
     batch = next(iter(trainer.get_train_dataloader()))
@@ -157,6 +164,15 @@ def test_keep_point_six_trains_adapters_only_against_the_base_model(tmp_path, to
     assert logged and all(h["slm/kept_fraction"] == pytest.approx(0.6, abs=0.05) for h in logged)
     assert all(h["slm/excess_kept"] > h["slm/excess_dropped"] for h in logged)
 
+    # the held-out sample, recorded at both steps against the adapters-off model; the run's report
+    saved = json.loads((tmp_path / "trajectory.json").read_text())
+    assert [r["step"] for r in saved["records"]] == [1, 2]
+    first_ref = saved["records"][0]["ref_loss"]
+    assert first_ref == saved["records"][1]["ref_loss"]  # the base model does not train
+    trainer.save_state()  # trainer_state.json: the log the report reads
+    assert main(["report", str(tmp_path)]) == 0
+    assert (tmp_path / "report" / "curves.png").is_file() and (tmp_path / "report" / "tokens.html").is_file()
+
 
 def test_refusals(tmp_path, tokenizer) -> None:
     with pytest.raises(ValueError, match="needs a reference"):
@@ -180,13 +196,18 @@ def _readme_block(marker: str) -> str:
 
 
 def test_readme_trl_example_runs(tmp_path, tokenizer, monkeypatch) -> None:
-    """The README's TRL example, as written, with the hub's model, tokenizer and data replaced by tiny local ones."""
+    """The README's TRL example, as written, with the hub's model, tokenizer and data replaced by tiny local
+    ones, and its SFTConfig told to run 2 steps on the CPU in fp32 (TRL's default is bf16 on a GPU)."""
+    import functools
+
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", lambda *a, **k: tiny_llama(len(tokenizer)))
     monkeypatch.setattr(AutoTokenizer, "from_pretrained", lambda *a, **k: tokenizer)
-    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: _conversations(16))
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: _prompt_completion(16))
+    cpu = dict(use_cpu=True, bf16=False, max_steps=2, logging_steps=1, disable_tqdm=True)
+    monkeypatch.setattr(trl, "SFTConfig", functools.partial(trl.SFTConfig, **cpu))
     scope: dict = {}
     exec(compile(_readme_block("trl-example"), "README.md", "exec"), scope)
     trainer = scope["trainer"]
