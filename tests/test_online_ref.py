@@ -178,3 +178,17 @@ def test_selection_log_sums_micro_batches() -> None:
     assert summary["excess_dropped"] <= summary["threshold"]
     log.reset()
     assert log.summary() == {}
+
+
+def test_reference_runs_in_the_batch_precision() -> None:
+    """Under the training step's autocast the reference computes in bf16, as the model does."""
+    rows = random_rows(3, VOCAB, seed=15, ref=False)
+    ref = tiny_llama(VOCAB, seed=3)
+    b = pad_batch(rows)
+    fp32 = reference_losses(ref, b["input_ids"], b["labels"], attention_mask=b["attention_mask"])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16 = reference_losses(ref, b["input_ids"], b["labels"], attention_mask=b["attention_mask"])
+    assert bf16.dtype == torch.float32  # ref_loss is always fp32
+    assert not torch.equal(bf16, fp32)  # computed in bf16 ...
+    torch.testing.assert_close(bf16, fp32, rtol=0.05, atol=0.05)  # ... close to the fp32 numbers
+    assert next(ref.parameters()).dtype == torch.float32  # the reference's weights are left as they are

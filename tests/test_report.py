@@ -149,3 +149,21 @@ def test_report_draws_curves_and_a_token_view_chromium_renders(runs) -> None:
     )
     # the tokens are decoded with the run's tokenizer (not shown as [id])
     assert not all(re.fullmatch(r"\[\d+\]", s.get("title", "")) for s in rendered.spans)
+
+
+def test_errors_name_the_option(runs, tmp_path, capsys) -> None:
+    from pipeline_fixtures import make_tokenizer
+
+    root = runs["root"]
+    assert main(["report", str(tmp_path)]) == 2  # an empty directory: no log to draw
+    assert "history.json" in capsys.readouterr().err
+    base = ["train", "--data", str(root / "corpus.jsonl"), "--config", str(root / "ref"), "--out", str(tmp_path / "r")]
+    assert main([*base, "--ref-model", str(root / "ref"), *TRAIN, "--trajectory-every", "2"]) == 2
+    assert "--trajectory-every needs --eval-data" in capsys.readouterr().err
+    make_tokenizer(200).save_pretrained(tmp_path / "other_tok")  # not the reference's tokenizer
+    args = [*base, "--ref-model", str(root / "ref"), "--tokenizer", str(tmp_path / "other_tok"), *TRAIN]
+    assert main(args) == 2
+    assert "--ref-model" in capsys.readouterr().err
+    assert main([*base, "--ref-model", str(tmp_path / "missing"), *TRAIN]) == 2
+    assert "reference model directory not found" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()  # nothing written by a refused run
