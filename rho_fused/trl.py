@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import nn
 from trl import SFTTrainer
 
@@ -35,8 +36,8 @@ class SelectiveSFTTrainer(SelectiveTrainer, SFTTrainer):
     `fused_selective_loss`. The other arguments are `trl.SFTTrainer`'s (``peft_config`` included:
     the model it wraps is then the one whose adapters are disabled).
 
-    Logged: TRL's ``loss`` and the selection statistics ``slm/...`` (`SelectionLog`); TRL's
-    ``entropy`` and ``mean_token_accuracy`` need the logits and are not computed.
+    Logged: TRL's ``loss`` and ``num_tokens``, and the selection statistics ``slm/...``
+    (`SelectionLog`); TRL's ``entropy`` and ``mean_token_accuracy`` need the logits and are not computed.
     """
 
     pads_own_rows = False  # TRL's collator builds the batches
@@ -72,3 +73,20 @@ class SelectiveSFTTrainer(SelectiveTrainer, SFTTrainer):
                 "scope='sequence' selects per row, and a padding-free or packed batch holds many sequences in one "
                 "row: use scope='batch' or 'global', or padding_free=False without packing"
             )
+
+    def compute_loss(
+        self,
+        model: nn.Module,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ) -> Any:
+        """`SelectiveTrainer.compute_loss`, counting the tokens seen into TRL's ``num_tokens`` as TRL does."""
+        mode = "train" if self.model.training else "eval"
+        if mode == "train":
+            # padding-free batches have no attention mask: every position of their one row is a token
+            mask = inputs.get("attention_mask")
+            local = mask.sum() if mask is not None else torch.tensor(inputs["input_ids"].numel())
+            self._total_train_tokens += int(self.accelerator.gather_for_metrics(local.reshape(1)).sum())
+        self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)

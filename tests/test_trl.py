@@ -155,13 +155,16 @@ def test_keep_point_six_trains_adapters_only_against_the_base_model(tmp_path, to
 
     # two optimizer steps: the adapters move, the base weights (LM head included) do not
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    trainer.selection_log.reset()
+    trainer.selection_log.reset()  # forget the two compute_loss calls above
+    trainer._total_train_tokens = 0
     trainer.train()
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert changed and all("lora_" in n for n in changed)
     assert any("lm_head" in n for n in before) and not any("lm_head" in n for n in changed)
     logged = [h for h in trainer.state.log_history if "loss" in h]
     assert logged and all(h["slm/kept_fraction"] == pytest.approx(0.6, abs=0.05) for h in logged)
+    tokens = int(batch["attention_mask"].sum())  # one batch of the 8 rows a step, as TRL counts them
+    assert [h["num_tokens"] for h in logged] == [tokens, 2 * tokens]
     assert all(h["slm/excess_kept"] > h["slm/excess_dropped"] for h in logged)
 
     # the held-out sample, recorded at both steps against the adapters-off model; the run's report
