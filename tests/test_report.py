@@ -58,11 +58,12 @@ def test_online_reference_run_equals_score_then_train(runs) -> None:
     h_off = json.loads((runs["offline"] / "history.json").read_text())
     h_on = json.loads((runs["online"] / "history.json").read_text())
     assert len(h_on) == len(h_off) == 3
-    for a, b in zip(h_on, h_off, strict=True):
-        for key in ("loss", "loss_all", "kept", "threshold", "ref_loss", "excess_kept", "excess_dropped", "eval_loss"):
-            if key in b:
-                assert a[key] == pytest.approx(b[key], rel=1e-6), key
-    assert "ref_loss" in h_on[0] and "eval_loss" in h_on[-1]
+    # packed text: every row is --seq-len tokens, no padding anywhere, so the online ref_loss is the
+    # scored one bit for bit, and so is every logged number (tokens/s aside)
+    assert [{k: v for k, v in h.items() if k != "tok_per_s"} for h in h_on] == [
+        {k: v for k, v in h.items() if k != "tok_per_s"} for h in h_off
+    ]
+    assert "ref_loss" in h_on[0] and "excess_dropped" in h_on[0] and "eval_loss" in h_on[-1]
 
 
 def test_tensorboard_has_the_history(runs) -> None:
