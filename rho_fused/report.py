@@ -49,15 +49,16 @@ def load_history(run: str | os.PathLike) -> list[dict[str, float]]:
 
 
 def plot_curves(history: Sequence[dict[str, float]], path: str | os.PathLike, title: str = "") -> None:
-    """Four panels against the step: losses; kept fraction; threshold and mean excess; mean ref_loss."""
+    """Four panels against the step: losses; kept fraction (and per source); threshold and mean excess; ref_loss."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    per_source = sorted({k for e in history for k in e if k.startswith("kept_fraction/")})
     panels = [
         ("loss (nats)", ["loss", "loss_all", "eval_loss"]),
-        ("kept fraction", ["kept_fraction"]),
+        ("kept fraction", ["kept_fraction", *per_source]),
         ("excess loss (nats)", ["threshold", "excess_kept", "excess_dropped"]),
         ("reference loss (nats)", ["ref_loss"]),
     ]

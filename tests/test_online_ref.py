@@ -11,6 +11,7 @@ from pipeline_fixtures import one_thread, random_rows, tiny_llama
 from rho_fused.data import pad_batch
 from rho_fused.hf import causal_lm_loss, kept_count
 from rho_fused.online_ref import reference_losses
+from rho_fused.report import load_history, write_report
 from rho_fused.scoring import score_rows
 from rho_fused.selection_log import SelectionLog, scored_mask
 from rho_fused.train_loop import TrainConfig, train
@@ -157,6 +158,13 @@ def test_trainer_logs_selection_statistics_to_tensorboard(tmp_path, monkeypatch)
         assert f"train/{key}" in tags, (key, tags)
     first = events.Scalars("train/slm/kept_fraction")[0]
     assert first.step == 1 and first.value == pytest.approx(expected["slm/kept_fraction"], rel=1e-6)
+
+    # the report reads the Trainer's log (trainer_state.json) under the loop's names
+    trainer.save_state()
+    history = load_history(tmp_path)
+    assert [h["step"] for h in history if "loss" in h] == [1, 2]
+    assert history[0]["kept_fraction/web"] == pytest.approx(expected["slm/kept_fraction/web"])
+    assert write_report(tmp_path)["curves"].is_file()
 
 
 def test_selection_log_sums_micro_batches() -> None:
