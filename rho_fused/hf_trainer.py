@@ -114,6 +114,11 @@ class SelectiveTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.ref_model = None if ref_model is None else frozen_reference(ref_model, self.args.device)
         self.self_reference = self_reference
+        if self_reference and not hasattr(self.model, "disable_adapter"):
+            raise ValueError(
+                f"self_reference=True needs a PEFT model (its adapters disabled are the reference), "
+                f"got {type(self.model).__name__}"
+            )
         self.selection_log = SelectionLog()
         if trajectory is not None:
             self.add_callback(TrajectoryCallback(trajectory))

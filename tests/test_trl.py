@@ -181,6 +181,9 @@ def test_refusals(tmp_path, tokenizer) -> None:
     with pytest.raises(ValueError, match="needs a reference"):
         SelectiveSFTTrainer(model=tiny_llama(len(tokenizer)), args=_config(tmp_path),
                             train_dataset=_prompt_completion(), processing_class=tokenizer, keep_ratio=0.6)  # fmt: skip
+    with pytest.raises(ValueError, match="self_reference=True needs a PEFT model"):
+        SelectiveSFTTrainer(model=tiny_llama(len(tokenizer)), args=_config(tmp_path), self_reference=True,
+                            train_dataset=_prompt_completion(), processing_class=tokenizer)  # fmt: skip
     ref = tiny_llama(len(tokenizer), seed=5)
     with pytest.raises(ValueError, match="scope='sequence'"):  # a packed row holds many sequences
         SelectiveSFTTrainer(model=tiny_llama(len(tokenizer)), args=_config(tmp_path, packing=True),
