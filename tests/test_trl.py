@@ -7,19 +7,18 @@ import json
 import re
 from pathlib import Path
 
+import datasets
+import peft  # trl and peft come with the dev extra: a missing one fails here, it is not skipped
 import pytest
 import torch
+import trl
 from pipeline_fixtures import make_tokenizer, one_thread, tiny_llama
 
-datasets = pytest.importorskip("datasets")
-trl = pytest.importorskip("trl")  # the dev extra installs it; an import error here is a set-up error
-peft = pytest.importorskip("peft")
-
-from rho_fused.cli import main  # noqa: E402
-from rho_fused.hf import kept_count  # noqa: E402
-from rho_fused.online_ref import adapter_free_losses, reference_losses  # noqa: E402
-from rho_fused.selection_log import TokenTrajectory  # noqa: E402
-from rho_fused.trl import SelectiveSFTTrainer  # noqa: E402
+from rho_fused.cli import main
+from rho_fused.hf import kept_count
+from rho_fused.online_ref import adapter_free_losses, reference_losses
+from rho_fused.selection_log import TokenTrajectory
+from rho_fused.trl import SelectiveSFTTrainer
 
 # A chat template that marks the assistant's turns, as TRL's assistant_only_loss needs
 CHAT_TEMPLATE = (
