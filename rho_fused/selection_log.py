@@ -9,6 +9,7 @@ training goes on. `TensorBoardLog` writes log entries as TensorBoard scalars.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from collections import defaultdict
@@ -154,8 +155,8 @@ class TokenTrajectory:
     ``rows``: dicts with ``input_ids`` (and ``ref_loss`` unless a reference is given). At each
     `record`, the model (in eval mode, no graph) gives every token's ``ce``, ``excess = ce - ref_loss``
     and whether the selection at ``keep_ratio`` (per sequence) keeps it; a training loop records
-    every ``every`` steps. `save` writes them with the
-    tokens to ``path`` (JSON, atomically): what ``rho-fused report`` draws as its token view.
+    every ``every`` steps. `save` writes them with the tokens to ``path`` (JSON, atomically):
+    what ``rho-fused report`` draws as its token view.
     ``self_reference=True`` scores the reference as the model with its PEFT adapters disabled.
     """
 
@@ -226,8 +227,6 @@ class TokenTrajectory:
     def resume(self, step: int) -> None:
         """Continue a run resumed at ``step``: keep the records of ``path`` up to that step."""
         if self.path.is_file():
-            import json
-
             saved = json.loads(self.path.read_text(encoding="utf-8"))
             self.records = [r for r in saved.get("records", []) if r["step"] <= step]
 
@@ -260,7 +259,7 @@ class TrajectoryCallback(TrainerCallback):
 
 
 def _rounded(x: Tensor) -> list[float]:
-    """fp32 values to 5 significant decimals: enough for a plot, a fifth of the JSON."""
+    """Values rounded to 5 decimals: enough for a plot, and the JSON stays small."""
     return [round(float(v), 5) for v in x.float().cpu().tolist()]
 
 

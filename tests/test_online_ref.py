@@ -200,3 +200,20 @@ def test_reference_runs_in_the_batch_precision() -> None:
     assert not torch.equal(bf16, fp32)  # computed in bf16 ...
     torch.testing.assert_close(bf16, fp32, rtol=0.05, atol=0.05)  # ... close to the fp32 numbers
     assert next(ref.parameters()).dtype == torch.float32  # the reference's weights are left as they are
+
+
+def test_trajectory_resume_keeps_the_records_up_to_the_step(tmp_path) -> None:
+    from rho_fused.selection_log import TokenTrajectory
+
+    rows = random_rows(2, VOCAB, seed=16)
+    model = tiny_llama(VOCAB, seed=1)
+    first = TokenTrajectory(rows, tmp_path / "t.json", keep_ratio=0.5, every=1)
+    for step in (1, 2, 3):
+        first.record(model, step)
+    first.save()
+    again = TokenTrajectory(rows, tmp_path / "t.json", keep_ratio=0.5, every=1)
+    again.resume(2)  # a run resumed from its step-2 checkpoint
+    assert [r["step"] for r in again.records] == [1, 2]
+    assert again.records[0] == first.records[0]
+    with pytest.raises(ValueError, match="ref_loss"):
+        TokenTrajectory(random_rows(1, VOCAB, ref=False), tmp_path / "u.json", keep_ratio=0.5)
