@@ -28,6 +28,9 @@ setup(
         "dev": ["pytest", "pytest-benchmark", "hypothesis", "ruff", "trl>=1.16", "peft>=0.21", "tensorboard"],
         "demo": ["champ-dataset", "matplotlib"],
         "bench": ["pytest-benchmark", "matplotlib", "cut-cross-entropy"],
+        # rho_fused.trl (SelectiveSFTTrainer) and `rho-fused train --report-to tensorboard`
+        "trl": ["trl>=1.16", "peft>=0.21"],
+        "tensorboard": ["tensorboard"],
     },
     entry_points={"console_scripts": ["rho-fused=rho_fused.cli:main"]},
 )
