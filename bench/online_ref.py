@@ -85,7 +85,11 @@ def main() -> None:
 
     machine = f"{platform.node() or 'cpu'}"
     date = datetime.date.today().isoformat()
-    cmd = "python bench/online_ref.py" + (" --quick" if args.quick else "") + f" --threads {args.threads}"
+    cmd = (
+        "python bench/online_ref.py"
+        + (" --quick" if args.quick else "")
+        + f" --threads {args.threads} --reps {args.reps}"
+    )
     lines = [
         f"# online reference, {date}",
         "",
