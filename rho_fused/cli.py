@@ -33,28 +33,34 @@ def cmd_score(args: argparse.Namespace) -> int:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from .data import corpus_rows, load_corpus
     from .scoring import score_corpus
 
     tokenizer = _tokenizer(args.tokenizer, args.ref_model)
     model = AutoModelForCausalLM.from_pretrained(args.ref_model, dtype=getattr(torch, args.dtype))
     model.to(local_device(args.device))
-    rows = corpus_rows(load_corpus(args.corpus), tokenizer, args.seq_len, text_column=args.text_column)
+    timing: dict[str, float] = {}
     meta = score_corpus(
         model,
         tokenizer,
-        rows,
+        args.corpus,  # streamed: never loaded whole
         args.out,
         seq_len=args.seq_len,
         batch_size=args.batch_size,
         backend=args.backend,
         overwrite=args.overwrite,
         progress=not args.no_progress,
+        resume=args.resume,
+        shard_tokens=args.shard_tokens,
+        docs_per_block=args.docs_per_block,
+        num_proc=args.num_proc,
+        text_column=args.text_column,
+        timing=timing,
     )
     print_on_rank_zero(
-        f"scored {meta['n_sequences']} sequences ({meta['n_tokens']} tokens) -> {args.out}; "
-        f"mean ref_loss {meta['mean_ref_loss']:.4f}; tokenizer {meta['tokenizer_fingerprint']}, "
-        f"reference {meta['reference_fingerprint']}",
+        f"scored {meta['n_sequences']} sequences ({meta['n_tokens']} tokens, {len(meta['shards'])} shards) -> "
+        f"{args.out}; mean ref_loss {meta['mean_ref_loss']:.4f}; tokenizer {meta['tokenizer_fingerprint']}, "
+        f"reference {meta['reference_fingerprint']}; throughput {timing['tokens_per_s']:.0f} tokens/s "
+        f"({timing['tokens']} tokens in {timing['seconds']:.1f} s on rank 0)",
     )
     return 0
 
@@ -172,6 +178,7 @@ class _ShowDefaults(argparse.ArgumentDefaultsHelpFormatter):
 
 def build_parser() -> argparse.ArgumentParser:
     from .backends import BACKENDS
+    from .scoring import DEFAULT_DOCS_PER_BLOCK, DEFAULT_SHARD_TOKENS
     from .train_loop import TRAIN_SCOPES, TrainConfig
 
     parser = argparse.ArgumentParser(
@@ -195,6 +202,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=backends, default="auto", help="loss backend")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.add_argument(
+        "--resume", action="store_true", help="continue an interrupted run (OUT.partial) after its last shard"
+    )
+    p.add_argument("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS, help="most tokens per shard file (Arrow)")
+    p.add_argument(
+        "--docs-per-block",
+        type=int,
+        default=DEFAULT_DOCS_PER_BLOCK,
+        help="documents packed together; blocks are dealt to the ranks",
+    )
+    p.add_argument("--num-proc", type=int, default=1, help="tokenizer worker processes (1: tokenize in this process)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_score)
 

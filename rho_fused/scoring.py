@@ -1,14 +1,15 @@
 """Scoring a corpus with a reference model: the per-token ``ref_loss`` that SLM training reads.
 
-`score_corpus` writes a `datasets` dataset with two columns, ``input_ids`` and ``ref_loss``
-(aligned: ``ref_loss[t]`` is the reference model's loss for predicting ``input_ids[t]`` from the
-tokens before it; ``ref_loss[0] = 0``), plus ``rho_fused.json`` holding the fingerprints of the
-tokenizer and the reference model and the sequence length. `load_scored` reads it back and
-refuses it when its tokenizer fingerprint is not the one of the tokenizer in hand.
+`score_corpus` streams a corpus (`rho_fused.stream`), scores it a batch at a time and writes Arrow
+shards with two columns, ``input_ids`` and ``ref_loss`` (aligned: ``ref_loss[t]`` is the reference
+model's loss for predicting ``input_ids[t]`` from the tokens before it; ``ref_loss[0] = 0``), then
+the manifest ``rho_fused.json`` holding the fingerprints of the tokenizer and the reference model,
+the sequence length and the shard list (`rho_fused.shards`). `load_scored` reads it back,
+memory-mapped, and refuses it when its tokenizer fingerprint is not the one of the tokenizer in hand.
 
-Under torch.distributed (``torchrun``) the scoring batches are dealt to the ranks in turn, the
-per-row results gathered on rank 0, which alone writes: the output is the one a single process
-writes, batch for batch the same computation.
+Under torch.distributed (``torchrun``) the corpus's blocks are dealt to the ranks in turn and each
+rank writes the shards of its own blocks: the output is the one a single process writes, file for
+file, batch for batch the same computation.
 """
 
 from __future__ import annotations
@@ -25,15 +26,15 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .atomic import atomic_dir, recover, write_json
+from .atomic import recover
 from .data import pad_batch
 from .hf import head_inputs, next_token_targets, shift_right
 from .loss import token_losses
-from .ranks import from_rank_zero, gather_to_rank_zero, rank_and_world
+from .ranks import barrier, from_rank_zero, rank_and_world
 
 META_FILE = "rho_fused.json"
 FORMAT = "rho-fused scored corpus"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 1: one save_to_disk dataset; 2: Arrow shards and a manifest (rho_fused.shards)
 
 
 class FingerprintMismatchError(ValueError):
@@ -73,50 +74,58 @@ def name_of(obj: Any) -> str:
     return str(name) if name else type(obj).__name__
 
 
+DEFAULT_SHARD_TOKENS = 1 << 24  # 16M tokens: 128 MiB of input_ids and ref_loss per shard at most
+DEFAULT_DOCS_PER_BLOCK = 1000  # documents packed together (Hugging Face's run_clm packs 1000 at a time)
+
+
 @torch.no_grad()
-def score_rows(
-    model: nn.Module,
-    rows: Sequence[np.ndarray],
-    *,
-    batch_size: int = 8,
-    backend: str = "auto",
-    progress: bool = True,
-    shard: tuple[int, int] = (0, 1),
-) -> list[np.ndarray | None]:
+def score_batch(model: nn.Module, rows: Sequence[np.ndarray], *, backend: str = "auto") -> list[np.ndarray]:
     """Per-token reference losses of token rows (fp32, aligned with the tokens, 0 at position 0).
 
     The model's body gives the final hidden states; `token_losses` turns them into per-token
-    cross-entropy without materialising the logits. Rows are batched by length to limit padding.
-    ``shard=(rank, world)`` scores only the batches ``rank, rank + world, ...`` of that order
-    (the others are None in the result): the same batches, hence the same numbers, as one process.
+    cross-entropy without materialising the logits. The rows are right-padded into one batch.
     """
-    rank, world = shard
-    model.eval()
     device = next(model.parameters()).device
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
-    starts = range(rank * batch_size, len(order), batch_size * world)
-    out: list[np.ndarray | None] = [None] * len(rows)
-    total = sum(len(rows[i]) for start in starts for i in order[start : start + batch_size])
-    bar = tqdm(total=total, unit="tok", desc="score", disable=not progress)
-    for start in starts:
-        idx = order[start : start + batch_size]
-        batch = pad_batch([{"input_ids": rows[i]} for i in idx])
-        ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-        hidden, weight, bias, softcap = head_inputs(model, ids, mask)
-        targets = next_token_targets(batch["labels"].to(device))
-        ce = token_losses(hidden, weight, targets, bias=bias, softcap=softcap, backend=backend)
-        ce = shift_right(ce, 0.0).float().cpu().numpy()
-        for j, i in enumerate(idx):
-            out[i] = ce[j, : len(rows[i])].copy()
-        bar.update(int(mask.sum()))
-    bar.close()
-    return out
+    batch = pad_batch([{"input_ids": r} for r in rows])
+    ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+    hidden, weight, bias, softcap = head_inputs(model, ids, mask)
+    targets = next_token_targets(batch["labels"].to(device))
+    ce = token_losses(hidden, weight, targets, bias=bias, softcap=softcap, backend=backend)
+    ce = shift_right(ce, 0.0).float().cpu().numpy()
+    return [ce[j, : len(r)].copy() for j, r in enumerate(rows)]
+
+
+def _check_sizes(seq_len: int, batch_size: int, shard_tokens: int, docs_per_block: int, num_proc: int) -> None:
+    lows = (("seq_len", seq_len, 2), ("batch_size", batch_size, 1), ("docs_per_block", docs_per_block, 1),
+            ("num_proc", num_proc, 0))  # fmt: skip
+    for name, value, low in lows:
+        if value < low:
+            raise ValueError(f"{name} must be at least {low}, got {value}")
+    if shard_tokens < batch_size * seq_len:
+        raise ValueError(
+            f"shard_tokens must hold one scoring batch, at least batch_size * seq_len = {batch_size * seq_len}, "
+            f"got {shard_tokens}"
+        )
+
+
+def _everywhere(fn: Any, rank: int) -> Any:
+    """``fn()`` on rank 0, its result (or its error, raised again) on every rank."""
+    result: Any = None
+    if rank == 0:
+        try:
+            result = ("ok", fn())
+        except (ValueError, FileExistsError, FileNotFoundError, RuntimeError) as e:
+            result = ("error", e)
+    kind, value = from_rank_zero(result)
+    if kind == "error":
+        raise value
+    return value
 
 
 def score_corpus(
     model: nn.Module,
     tokenizer: Any,
-    rows: Sequence[np.ndarray],
+    corpus: str | os.PathLike | Sequence[np.ndarray],
     out_dir: str | os.PathLike,
     *,
     seq_len: int,
@@ -124,40 +133,42 @@ def score_corpus(
     backend: str = "auto",
     overwrite: bool = False,
     progress: bool = True,
+    resume: bool = False,
+    shard_tokens: int = DEFAULT_SHARD_TOKENS,
+    docs_per_block: int = DEFAULT_DOCS_PER_BLOCK,
+    num_proc: int = 1,
+    text_column: str = "text",
+    timing: dict[str, float] | None = None,
 ) -> dict[str, Any]:
-    """Score token rows with the reference ``model`` and write the scored dataset to ``out_dir``.
+    """Score a corpus with the reference ``model`` into Arrow shards under ``out_dir``; return the manifest.
 
-    The dataset (columns ``input_ids`` int32 and ``ref_loss`` float32) and ``rho_fused.json`` are
-    written to a temporary directory renamed to ``out_dir`` when complete. Returns the metadata.
+    ``corpus`` is a corpus path (`rho_fused.stream.CorpusSource`: streamed, tokenized and packed a
+    block of ``docs_per_block`` documents at a time, in ``num_proc`` worker processes when above 1)
+    or token rows in memory. Each block's rows are scored ``batch_size`` at a time and appended to
+    shards of at most ``shard_tokens`` tokens (`rho_fused.shards`), written as they fill into
+    ``OUT.partial``; the manifest ``rho_fused.json`` is written last, then the directory is renamed
+    to ``out_dir``. Memory does not grow with the corpus. ``resume=True`` continues an interrupted
+    run after its last complete shard, giving the output an uninterrupted run gives.
 
-    Under torch.distributed every rank calls with the same rows: each scores its share of the
-    batches, rank 0 gathers the results and writes (the others return the same metadata once it
-    has). An existing ``out_dir`` without ``overwrite`` is refused on every rank before any work.
+    Under torch.distributed every rank calls with the same arguments: block ``b`` is scored by rank
+    ``b % world`` and written by it (no gather); rank 0 writes the manifest once all are done. The
+    output is the one a single process writes. ``timing``, when given, receives this rank's scoring
+    ``seconds``, the ``tokens`` it scored and ``tokens_per_s``.
     """
-    import datasets
+    import time
 
-    if not rows:
-        raise ValueError("the corpus gave no token rows to score (is it shorter than one sequence?)")
+    from .shards import ShardStore
+    from .stream import CorpusSource, RowsSource, rows_of_blocks
+
+    _check_sizes(seq_len, batch_size, shard_tokens, docs_per_block, num_proc)
     rank, world = rank_and_world()
     if from_rank_zero(Path(out_dir).exists()) and not overwrite:  # rank 0's file system decides
         raise FileExistsError(f"{out_dir} already exists; pass overwrite=True (--overwrite) to replace it")
-    vocab = model.get_output_embeddings().weight.shape[0]
-    top = max(int(r.max()) for r in rows)
-    if top >= vocab:
-        raise ValueError(f"the corpus has token id {top}, outside the reference model's vocabulary of {vocab}")
-    ref = score_rows(
-        model, rows, batch_size=batch_size, backend=backend, progress=progress and rank == 0, shard=(rank, world)
-    )
-    if world > 1:
-        parts = gather_to_rank_zero({i: r for i, r in enumerate(ref) if r is not None})
-        if rank != 0:
-            return from_rank_zero(None)  # rank 0's metadata, once it has written
-        for part in parts:
-            for i, r in part.items():
-                ref[i] = r
-    n_tokens = sum(len(r) for r in rows)
-    n_scored = sum(len(r) - 1 for r in rows)
-    meta = {
+    if isinstance(corpus, (str, os.PathLike)):
+        source: Any = CorpusSource(corpus, text_column=text_column)
+    else:
+        source = RowsSource(corpus)
+    header = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
@@ -165,21 +176,71 @@ def score_corpus(
         "reference_fingerprint": model_fingerprint(model),
         "reference_name": name_of(model),
         "seq_len": int(seq_len),
-        "n_sequences": len(rows),
-        "n_tokens": int(n_tokens),
-        "mean_ref_loss": float(sum(float(r.sum()) for r in ref) / max(n_scored, 1)),
     }
-    features = datasets.Features(
-        {
-            "input_ids": datasets.Sequence(datasets.Value("int32")),
-            "ref_loss": datasets.Sequence(datasets.Value("float32")),
-        }
-    )
-    ds = datasets.Dataset.from_dict({"input_ids": list(rows), "ref_loss": ref}, features=features)
-    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
-        ds.save_to_disk(str(tmp))
-        write_json(tmp / META_FILE, meta)
-    return from_rank_zero(meta)  # the other ranks wait for it above
+    run = {
+        **header,
+        "corpus_fingerprint": source.fingerprint(),
+        "text_column": text_column,
+        "batch_size": batch_size,
+        "shard_tokens": shard_tokens,
+        "docs_per_block": docs_per_block,
+        "reference_dtype": str(next(model.parameters()).dtype),
+        "backend": backend,
+    }
+    store = ShardStore(out_dir)
+    _everywhere(lambda: store.open(run, resume=resume, create=True), rank)
+    done = store.done_blocks()
+    vocab = model.get_output_embeddings().weight.shape[0]
+    model.eval()
+
+    t0, scored, n_blocks = time.perf_counter(), 0, 0
+    bar = tqdm(unit="tok", desc="score", disable=not progress or rank != 0)
+    blocks = source.blocks(docs_per_block, wanted=lambda b: b % world == rank and b not in done)
+    for item in rows_of_blocks(blocks, tokenizer, seq_len, num_proc):
+        n_blocks += 1
+        if isinstance(item, int):
+            continue  # another rank's block, or one already complete
+        index, rows = item
+        part, skip = store.resume_point(index)
+        writer = None
+        try:
+            for lo in range(skip, len(rows), batch_size):
+                chunk = rows[lo : lo + batch_size]
+                top = max(int(r.max()) for r in chunk)
+                if top >= vocab:
+                    raise ValueError(
+                        f"the corpus has token id {top} (block {index}), "
+                        f"outside the reference model's vocabulary of {vocab}"
+                    )
+                ce = score_batch(model, chunk, backend=backend)
+                tokens = sum(len(r) for r in chunk)
+                if writer is not None and writer.tokens + tokens > shard_tokens:
+                    writer.close()
+                    writer, part = None, part + 1
+                if writer is None:
+                    writer = store.part_writer(index, part)
+                writer.append(chunk, ce)
+                scored += tokens
+                bar.update(tokens)
+            if writer is not None:
+                writer.close()
+        except BaseException:
+            if writer is not None:
+                writer.abort()
+            raise
+        store.finish_block(index)
+    bar.close()
+    seconds = time.perf_counter() - t0
+    if timing is not None:
+        timing.update(seconds=seconds, tokens=scored, tokens_per_s=scored / max(seconds, 1e-9))
+    barrier()  # every rank's blocks are complete
+
+    def finish() -> dict[str, Any]:
+        meta = store.write_manifest(header, n_blocks)
+        store.publish(overwrite)
+        return meta
+
+    return _everywhere(finish, rank)
 
 
 def read_meta(path: str | os.PathLike) -> dict[str, Any]:
@@ -187,9 +248,11 @@ def read_meta(path: str | os.PathLike) -> dict[str, Any]:
     recover(path)  # a run killed while replacing this output left the previous one aside
     meta_path = Path(path) / META_FILE
     if not meta_path.is_file():
-        raise FileNotFoundError(f"{path} is not a scored dataset from `rho-fused score`: {META_FILE} is missing")
+        partial = Path(path).with_name(Path(path).name + ".partial")
+        hint = f"; {partial} holds an interrupted run's shards: continue it with --resume" if partial.is_dir() else ""
+        raise FileNotFoundError(f"{path} is not a scored dataset from `rho-fused score`: {META_FILE} is missing{hint}")
     meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
+    if meta.get("format") != FORMAT or meta.get("format_version") not in (1, FORMAT_VERSION):
         raise ValueError(f"{meta_path}: unknown format {meta.get('format')!r} version {meta.get('format_version')!r}")
     return meta
 
@@ -207,12 +270,26 @@ def check_tokenizer(meta: dict[str, Any], tokenizer: Any, where: str = "the scor
 
 
 def load_scored(path: str | os.PathLike, tokenizer: Any | None = None) -> tuple[Any, dict[str, Any]]:
-    """A scored dataset and its metadata; with ``tokenizer``, refused unless the fingerprints match."""
+    """A scored dataset and its metadata; with ``tokenizer``, refused unless the fingerprints match.
+
+    The rows (``data[i]`` is a dict of ``input_ids`` and ``ref_loss`` numpy arrays) are read from
+    the memory-mapped shards (`rho_fused.shards.ScoredShards`), never all loaded; a version 1
+    directory (one ``save_to_disk`` dataset) is read memory-mapped by ``datasets``.
+    """
     import datasets
+
+    from .shards import ScoredShards
 
     meta = read_meta(path)
     if tokenizer is not None:
         check_tokenizer(meta, tokenizer, where=f"scored dataset {path}")
+    if meta["format_version"] == FORMAT_VERSION:
+        for shard in meta["shards"]:
+            if not (Path(path) / shard["file"]).is_file():
+                raise FileNotFoundError(
+                    f"scored dataset {path}: shard {shard['file']} listed in {META_FILE} is missing"
+                )
+        return ScoredShards(path, meta["shards"]), meta
     ds = datasets.load_from_disk(str(path))
     missing = {"input_ids", "ref_loss"} - set(ds.column_names)
     if missing:

@@ -112,8 +112,8 @@ def test_cli_score_then_train_refuses_other_tokenizer(tmp_path, tokenizer, capsy
     assert not (tmp_path / "run").exists()
 
 
-def test_interrupted_scoring_leaves_no_output(tmp_path, tokenizer, monkeypatch) -> None:
-    import rho_fused.scoring as scoring
+def test_interrupted_scoring_keeps_the_previous_output_and_resumes(tmp_path, tokenizer, monkeypatch) -> None:
+    from rho_fused.shards import ShardStore
 
     model = tiny_llama(len(tokenizer), seed=3)
     rows = pack_texts(TEXTS[:10], tokenizer, 16)
@@ -123,12 +123,21 @@ def test_interrupted_scoring_leaves_no_output(tmp_path, tokenizer, monkeypatch) 
     def boom(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(scoring, "write_json", boom)  # dies after the dataset is written, before it is complete
+    monkeypatch.setattr(ShardStore, "publish", boom)  # dies with every shard written, before the rename
     with pytest.raises(KeyboardInterrupt):
         score_corpus(model, tokenizer, rows[:3], tmp_path / "scored", seq_len=16, overwrite=True, progress=False)
     assert sorted(p.name for p in (tmp_path / "scored").iterdir()) == before  # the previous output is intact
     assert read_meta(tmp_path / "scored")["n_sequences"] == len(rows)
-    assert [p.name for p in tmp_path.iterdir() if p.name != "scored"] == []  # no temporary left behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["scored", "scored.partial"]  # the interrupted run's shards
+    # without --resume the shards are not thrown away; with it the run completes
+    with pytest.raises(FileExistsError, match="--resume"):
+        score_corpus(model, tokenizer, rows[:3], tmp_path / "scored", seq_len=16, overwrite=True, progress=False)
+    monkeypatch.undo()
+    meta = score_corpus(
+        model, tokenizer, rows[:3], tmp_path / "scored", seq_len=16, overwrite=True, resume=True, progress=False
+    )
+    assert read_meta(tmp_path / "scored") == meta and meta["n_sequences"] == 3
+    assert [p.name for p in tmp_path.iterdir()] == ["scored"]  # nothing left behind
 
 
 def test_corpus_formats(tmp_path, tokenizer) -> None:

@@ -21,6 +21,7 @@ import torch
 from pipeline_fixtures import one_thread, reference_workdir, tiny_llama
 
 from rho_fused.cli import main
+from rho_fused.scoring import load_scored
 
 SEQ_LEN = 24
 
@@ -43,7 +44,8 @@ def workdir(tmp_path_factory) -> Path:
 
 def score_argv(root: Path, out: str) -> list[str]:
     return ["score", "--ref-model", str(root / "ref"), "--corpus", str(root / "corpus.jsonl"), "--out", str(root / out),
-            "--seq-len", str(SEQ_LEN), "--batch-size", "3", "--no-progress"]  # fmt: skip
+            "--seq-len", str(SEQ_LEN), "--batch-size", "3", "--docs-per-block", "4", "--shard-tokens", "144",
+            "--no-progress"]  # fmt: skip
 
 
 def train_argv(root: Path, out: str, *extra: str) -> list[str]:
@@ -66,14 +68,19 @@ def test_torchrun_score_equals_one_process(workdir: Path, scored: Path) -> None:
     proc = torchrun(2, score_argv(workdir, "scored2"))
     assert proc.stdout.count("scored ") == 1  # rank 0 alone prints
     one, two = scored, workdir / "scored2"
-    assert json.loads((one / "rho_fused.json").read_text()) == json.loads((two / "rho_fused.json").read_text())
-    import datasets
-
-    a, b = datasets.load_from_disk(str(one)), datasets.load_from_disk(str(two))
-    assert len(a) == len(b) == json.loads((one / "rho_fused.json").read_text())["n_sequences"] > 6
+    meta = json.loads((one / "rho_fused.json").read_text())
+    assert meta == json.loads((two / "rho_fused.json").read_text())
+    # each rank wrote the shards of its blocks; the files are the same, name for name and byte for byte
+    assert len(meta["shards"]) > 2
+    files = sorted(p.name for p in one.glob("shard-*.arrow"))
+    assert files == sorted(p.name for p in two.glob("shard-*.arrow")) == [s["file"] for s in meta["shards"]]
+    for name in files:
+        assert (one / name).read_bytes() == (two / name).read_bytes(), name
+    a, b = load_scored(one)[0], load_scored(two)[0]
+    assert len(a) == len(b) == meta["n_sequences"] > 6
     for ra, rb in zip(a, b, strict=True):
-        assert ra["input_ids"] == rb["input_ids"]
-        assert np.array_equal(np.asarray(ra["ref_loss"], np.float32), np.asarray(rb["ref_loss"], np.float32))
+        assert np.array_equal(ra["input_ids"], rb["input_ids"])
+        assert np.array_equal(ra["ref_loss"], rb["ref_loss"])
     assert not [p for p in workdir.iterdir() if ".tmp-" in p.name or ".old-" in p.name]
 
 
