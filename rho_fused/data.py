@@ -92,10 +92,10 @@ def pad_batch(
     ref = torch.zeros((len(rows), width), dtype=torch.float32) if has_ref else None
     for i, r in enumerate(rows):
         n = len(r["input_ids"])
-        ids[i, :n] = torch.as_tensor(np.asarray(r["input_ids"]), dtype=torch.long)
+        ids[i, :n] = torch.from_numpy(np.array(r["input_ids"], dtype=np.int64))  # a copy: rows may be read-only maps
         mask[i, :n] = 1
         if ref is not None:
-            ref[i, :n] = torch.as_tensor(np.asarray(r["ref_loss"]), dtype=torch.float32)
+            ref[i, :n] = torch.from_numpy(np.array(r["ref_loss"], dtype=np.float32))
     batch = {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, ignore_index)}
     if ref is not None:
         batch["ref_loss"] = ref
