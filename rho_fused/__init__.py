@@ -24,6 +24,8 @@ the kernels, then the training pipeline built on the public API:
     ranks          data-parallel runs: rank and world, torchrun's process group, shards, the DDP scaling rule
     fsdp           FSDP2: `shard` (fully_shard per decoder layer and root), the loss in the root's forward, DCP
     scoring        a corpus scored by a reference model: the per-token `ref_loss` dataset and its fingerprints
+    stream         a corpus streamed a block of documents at a time: read, tokenized (worker processes), packed
+    shards         the scored corpus on disk: Arrow shards, resume state, manifest; read memory-mapped
     data           corpora in and batches out: reading, tokenizing, packing, padding
     atomic         atomic writes: an output appears complete under its name, or not at all
     champ          the demo's corpus, from the champ-dataset package
