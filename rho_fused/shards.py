@@ -253,6 +253,7 @@ class ShardStore:
                 shards.append(part)
         rows = sum(s["rows"] for s in shards)
         if rows == 0:
+            self.discard()  # nothing to resume
             raise ValueError("the corpus gave no token rows to score (is it shorter than one sequence?)")
         tokens = sum(s["tokens"] for s in shards)
         meta = {
