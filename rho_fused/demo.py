@@ -244,6 +244,7 @@ def run_demo(
             out / "scored",
             seq_len=cfg.seq_len,
             batch_size=32,
+            docs_per_block=len(noisy_rows),  # one block: the batches (and numbers) of the in-memory scorer it replaced
             overwrite=True,
             progress=progress,
         )
