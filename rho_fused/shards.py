@@ -142,6 +142,9 @@ class ScoredShards:
     def __len__(self) -> int:
         return self._starts[-1]
 
+    def __getstate__(self) -> dict[str, Any]:  # for DataLoader workers: each maps the files again
+        return {**self.__dict__, "_open": collections.OrderedDict()}
+
     def _shard(self, k: int) -> tuple[list[int], list[tuple[np.ndarray, np.ndarray, np.ndarray]]]:
         if k in self._open:
             self._open.move_to_end(k)

@@ -101,6 +101,13 @@ def test_streamed_shards_hold_the_packed_blocks(work: Path, straight: Path) -> N
     assert sum(s["tokens"] for s in meta["shards"]) == meta["n_tokens"] == meta["n_sequences"] * SEQ_LEN
     total = sum(float(np.sum(data[i]["ref_loss"], dtype=np.float64)) for i in range(len(data)))
     assert meta["mean_ref_loss"] == pytest.approx(total / (meta["n_tokens"] - meta["n_sequences"]), rel=1e-9)
+    # pickled (a DataLoader worker) without its memory maps, which it opens again
+    import pickle
+
+    blob = pickle.dumps(data)
+    assert len(blob) < meta["n_tokens"]  # the mapped rows (8 bytes a token) are not in it
+    again = pickle.loads(blob)
+    assert np.array_equal(again[len(data) - 1]["ref_loss"], data[len(data) - 1]["ref_loss"])
     # the same rows as a datasets.Dataset, for transformers.Trainer
     ds = data.as_dataset().with_format("numpy")
     assert len(ds) == len(data) and np.array_equal(ds[5]["ref_loss"], data[5]["ref_loss"])
