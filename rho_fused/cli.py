@@ -59,8 +59,8 @@ def cmd_score(args: argparse.Namespace) -> int:
     print_on_rank_zero(
         f"scored {meta['n_sequences']} sequences ({meta['n_tokens']} tokens, {len(meta['shards'])} shards) -> "
         f"{args.out}; mean ref_loss {meta['mean_ref_loss']:.4f}; tokenizer {meta['tokenizer_fingerprint']}, "
-        f"reference {meta['reference_fingerprint']}; throughput {timing['tokens_per_s']:.0f} tokens/s "
-        f"({timing['tokens']} tokens in {timing['seconds']:.1f} s on rank 0)",
+        f"reference {meta['reference_fingerprint']}; throughput {timing['all_ranks_tokens_per_s']:.0f} tokens/s "
+        f"({timing['all_ranks_tokens']} tokens in {timing['all_ranks_seconds']:.1f} s)",
     )
     return 0
 

@@ -30,7 +30,7 @@ from .atomic import recover
 from .data import pad_batch
 from .hf import head_inputs, next_token_targets, shift_right
 from .loss import token_losses
-from .ranks import barrier, from_rank_zero, rank_and_world
+from .ranks import from_rank_zero, min_over_ranks, rank_and_world, sum_over_ranks
 
 META_FILE = "rho_fused.json"
 FORMAT = "rho-fused scored corpus"
@@ -153,7 +153,8 @@ def score_corpus(
     Under torch.distributed every rank calls with the same arguments: block ``b`` is scored by rank
     ``b % world`` and written by it (no gather); rank 0 writes the manifest once all are done. The
     output is the one a single process writes. ``timing``, when given, receives this rank's scoring
-    ``seconds``, the ``tokens`` it scored and ``tokens_per_s``.
+    ``seconds``, the ``tokens`` it scored and ``tokens_per_s``, and ``all_ranks_tokens``,
+    ``all_ranks_seconds`` (the slowest rank's) and ``all_ranks_tokens_per_s``.
     """
     import time
 
@@ -231,9 +232,14 @@ def score_corpus(
         store.finish_block(index)
     bar.close()
     seconds = time.perf_counter() - t0
+    # every rank's blocks are complete once every rank has got here (the sums are collectives)
+    device = next(model.parameters()).device
+    total, slowest = sum_over_ranks([scored], device)[0], -min_over_ranks(-seconds, device)
     if timing is not None:
         timing.update(seconds=seconds, tokens=scored, tokens_per_s=scored / max(seconds, 1e-9))
-    barrier()  # every rank's blocks are complete
+        timing.update(
+            all_ranks_tokens=int(total), all_ranks_seconds=slowest, all_ranks_tokens_per_s=total / max(slowest, 1e-9)
+        )
 
     def finish() -> dict[str, Any]:
         meta = store.write_manifest(header, n_blocks)
