@@ -118,7 +118,7 @@ def peak_memory(args: argparse.Namespace, method: str, device: str) -> float:
         del model
         torch.cuda.empty_cache()
         return peak
-    cmd = [sys.executable, __file__, *sys.argv[1:], "--memory-of", method]
+    cmd = [sys.executable, __file__, *args.argv, "--memory-of", method]
     out = subprocess.check_output(cmd, text=True, env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())})
     return json.loads(out.strip().splitlines()[-1])["peak_mib"]
 
@@ -144,7 +144,11 @@ def _byte_tokenizer():
     return Tokenizer(models.WordLevel({"<unk>": 0}, unk_token="<unk>"))
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
+    """Run the comparison (``argv`` as on the command line), write and print the results; return them."""
+    from gpu_check import ensure_package  # rho_fused from this checkout where it is not installed
+
+    ensure_package()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=PRESETS, default=None, help="default: gpu on CUDA, else cpu")
     for name in ("layers", "dim", "heads", "vocab", "batch", "seq_len", "reps"):
@@ -154,7 +158,8 @@ def main() -> None:
     parser.add_argument("--pipeline", action="store_true", help="also time score_corpus end to end")
     parser.add_argument("--out", help="results file (default bench/results/score-throughput-<device>.json)")
     parser.add_argument("--memory-of", choices=("hf", "rho_fused"), help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     preset = PRESETS[args.preset or ("gpu" if args.device.startswith("cuda") else "cpu")]
     for k, v in preset.items():
         if getattr(args, k) is None:
@@ -167,7 +172,7 @@ def main() -> None:
         base = rss_mib()
         (hf_losses if args.memory_of == "hf" else fused_losses)(model, rows, device)
         print(json.dumps({"peak_mib": rss_mib() - base}))
-        return
+        return {}
 
     model = make_model(args, device)
     data = batches(args, args.reps + 1)
@@ -187,7 +192,7 @@ def main() -> None:
         "threads": torch.get_num_threads(),
         "load_avg_1min": os.getloadavg()[0],
         "shape": {k: getattr(args, k) for k in ("layers", "dim", "heads", "vocab", "batch", "seq_len", "dtype")},
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "command": " ".join(["python", "bench/score_throughput.py", *args.argv]),
         "max_abs_diff": max_diff,
     }
     for method, ts in times.items():
@@ -218,6 +223,7 @@ def main() -> None:
     if "tokens_per_s" in result.get("pipeline", {}):
         print(f"| score_corpus (with shard writing) | | {result['pipeline']['tokens_per_s']:.0f} | |")
     print(f"\nmax |ce(rho_fused) - ce(hf)| = {max_diff:.3g}; results in {out}")
+    return result
 
 
 def _cpu_name() -> str:
