@@ -3,7 +3,8 @@
 - The streamed corpus gives the rows of per-block packing; shards hold at most ``shard_tokens``
   tokens and end at batch edges; the manifest counts them; tokenizer workers change nothing.
 - Peak memory does not grow with the corpus (a subprocess scores 1x and 8x the corpus).
-- A run SIGKILLed at a random moment, then resumed (twice), writes the uninterrupted run's output.
+- A run SIGKILLed at a random moment (2 ranks), then resumed (1 rank, killed again, then resumed),
+  writes the uninterrupted run's output.
 - Training reads the shards memory-mapped, its data order is fixed by the seed, and a run stopped
   mid-epoch resumes to the same weights.
 (One rank against two under torchrun: tests/test_torchrun.py.)
@@ -11,6 +12,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -173,10 +175,27 @@ def test_peak_memory_does_not_grow_with_the_corpus(tmp_path: Path) -> None:
     assert peaks[1] <= 1.25 * peaks[0], peaks
 
 
+def alive(pid: int, wait: float) -> bool:
+    """Whether process ``pid`` still runs after up to ``wait`` seconds (a killed zombie not yet reaped does not)."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (FileNotFoundError, ProcessLookupError):
+            return False
+        if state == "Z":
+            return False
+        if time.monotonic() > deadline:
+            return True
+        time.sleep(0.05)
+
+
 def test_killed_at_random_moments_resumes_to_the_uninterrupted_output(work: Path, straight: Path) -> None:
     """SIGKILL at a random moment (after a random number of shards, plus a random delay), resumed twice.
 
-    The first resume is killed too; the second finishes.
+    The first run has 2 ranks under torchrun, all killed at once (a node lost); the first resume has
+    one process and is killed too; the second (one process) finishes. Each run is slowed (30 ms a
+    batch) so that there is a middle to kill it in.
     """
     seed = random.randrange(1 << 30)
     rng = random.Random(seed)
@@ -186,29 +205,42 @@ def test_killed_at_random_moments_resumes_to_the_uninterrupted_output(work: Path
     n_shards = len(read_meta(straight)["shards"])
     assert n_shards > 20
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    # the run is slowed (each batch waits 30 ms) so that there is a middle to kill it in
-    slow = "import sys, time, rho_fused.scoring as s; f = s.score_batch\n"
-    slow += "s.score_batch = lambda *a, **k: (time.sleep(0.03), f(*a, **k))[1]\n"
-    slow += "from rho_fused.cli import main; sys.exit(main(sys.argv[1:]))\n"
-    for attempt, extra in enumerate(([], ["--resume"])):
+    slow = work / "slow_score.py"
+    pids = work / "pids"  # each scoring process adds its pid: torchrun's ranks run in sessions of their own
+    slow.write_text(
+        f"import os; open({str(pids)!r}, 'a').write(f'{{os.getpid()}}\\n')\n"
+        "import sys, time, rho_fused.scoring as s; f = s.score_batch\n"
+        "s.score_batch = lambda *a, **k: (time.sleep(0.03), f(*a, **k))[1]\n"
+        "from rho_fused.cli import main; sys.exit(main(sys.argv[1:]))\n"
+    )
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+    for attempt, (launcher, extra) in enumerate(((torchrun, []), ([sys.executable], ["--resume"]))):
+        pids.write_text("")
         have = len(list(partial.glob("shard-*.arrow"))) if partial.is_dir() else 0
         # a shard or more further, in the first half the first time, never at the end
         target = rng.randrange(have + 1, n_shards // 2 if attempt == 0 else n_shards - 2)
-        proc = subprocess.Popen([sys.executable, "-c", slow, *score_argv(work, out.name, *extra)], env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+        proc = subprocess.Popen([*launcher, str(slow), *score_argv(work, out.name, *extra)], env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)  # fmt: skip
         try:
             deadline = time.monotonic() + 120
-            while not partial.is_dir() or len(list(partial.glob("shard-*.arrow"))) < target:
+            ranks = 2 if attempt == 0 else 1
+            while (not partial.is_dir() or len(list(partial.glob("shard-*.arrow"))) < target
+                   or len(pids.read_text().split()) < ranks):  # fmt: skip
                 assert proc.poll() is None, proc.communicate()[1][-3000:]
                 assert time.monotonic() < deadline
                 time.sleep(0.005)
             time.sleep(rng.uniform(0, 0.05))
-            os.kill(proc.pid, signal.SIGKILL)
+            for pid in [int(x) for x in pids.read_text().split()]:  # every rank at once (a node lost)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            os.killpg(proc.pid, signal.SIGKILL)  # and the launcher
             proc.wait(timeout=60)
         finally:
             if proc.poll() is None:
-                proc.kill()
+                os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
+        for pid in [int(x) for x in pids.read_text().split()]:
+            assert alive(pid, wait=10) is False, f"attempt {attempt}: process {pid} outlived the kill"
         assert not out.exists() and partial.is_dir(), f"attempt {attempt}: the run ended before it was killed"
     assert main(score_argv(work, out.name, "--resume")) == 0
     assert not partial.exists()
@@ -216,9 +248,8 @@ def test_killed_at_random_moments_resumes_to_the_uninterrupted_output(work: Path
     a, b = load_scored(out)[0], load_scored(straight)[0]
     assert len(a) == len(b)
     for i in range(len(a)):
-        assert np.array_equal(a[i]["input_ids"], b[i]["input_ids"]) and np.array_equal(
-            a[i]["ref_loss"], b[i]["ref_loss"]
-        )
+        assert np.array_equal(a[i]["input_ids"], b[i]["input_ids"])
+        assert np.array_equal(a[i]["ref_loss"], b[i]["ref_loss"])
 
 
 def test_training_reads_the_shards_in_place_and_resumes_mid_epoch(work: Path, straight: Path, tmp_path: Path) -> None:
