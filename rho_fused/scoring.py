@@ -95,6 +95,39 @@ def score_batch(model: nn.Module, rows: Sequence[np.ndarray], *, backend: str = 
     return [ce[j, : len(r)].copy() for j, r in enumerate(rows)]
 
 
+@torch.no_grad()
+def score_rows(
+    model: nn.Module,
+    rows: Sequence[np.ndarray],
+    *,
+    batch_size: int = 8,
+    backend: str = "auto",
+    progress: bool = True,
+    shard: tuple[int, int] = (0, 1),
+) -> list[np.ndarray | None]:
+    """Per-token reference losses of token rows held in memory, batched by length to limit padding.
+
+    The same numbers as `score_batch` on each batch. ``shard=(rank, world)`` scores only the batches
+    ``rank, rank + world, ...`` of that order (the others are None in the result). `score_corpus`
+    streams a corpus instead; this serves callers that hold their rows (`rho_fused.online_ref`'s
+    comparisons).
+    """
+    rank, world = shard
+    model.eval()
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+    starts = range(rank * batch_size, len(order), batch_size * world)
+    out: list[np.ndarray | None] = [None] * len(rows)
+    total = sum(len(rows[i]) for start in starts for i in order[start : start + batch_size])
+    bar = tqdm(total=total, unit="tok", desc="score", disable=not progress)
+    for start in starts:
+        idx = order[start : start + batch_size]
+        for i, ce in zip(idx, score_batch(model, [rows[i] for i in idx], backend=backend), strict=True):
+            out[i] = ce
+        bar.update(sum(len(rows[i]) for i in idx))
+    bar.close()
+    return out
+
+
 def _check_sizes(seq_len: int, batch_size: int, shard_tokens: int, docs_per_block: int, num_proc: int) -> None:
     lows = (("seq_len", seq_len, 2), ("batch_size", batch_size, 1), ("docs_per_block", docs_per_block, 1),
             ("num_proc", num_proc, 0))  # fmt: skip
