@@ -116,10 +116,15 @@ def load_reference(path: str | os.PathLike, tokenizer: Any, device: torch.device
 def corpus_rows_for_training(
     path: str | os.PathLike, tokenizer: Any, seq_len: int, text_column: str = "text"
 ) -> list[dict[str, np.ndarray]]:
-    """Training rows (``input_ids`` only) of a corpus, cut as `rho-fused score` cuts it (for the online reference)."""
-    from .data import corpus_rows, load_corpus
+    """Training rows (``input_ids`` only) of a corpus, cut as `rho-fused score` cuts it (for the online reference).
 
-    rows = corpus_rows(load_corpus(path), tokenizer, seq_len, text_column=text_column)
+    Packed block by block of the default ``--docs-per-block`` documents, as `score` packs them.
+    """
+    from .scoring import DEFAULT_DOCS_PER_BLOCK
+    from .stream import CorpusSource, block_rows
+
+    source = CorpusSource(path, text_column=text_column)
+    rows = [r for b in source.blocks(DEFAULT_DOCS_PER_BLOCK) for r in block_rows(b, tokenizer, seq_len)]
     if not rows:
         raise ValueError(f"corpus {path} gave no token rows (is it shorter than one sequence of {seq_len}?)")
     return [{"input_ids": r} for r in rows]
