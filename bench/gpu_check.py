@@ -23,6 +23,7 @@ Sections, most important first (a check is named ``<section>/<what>``):
 6. ``offsets``: tensors past 2^31 elements (``V*D``, ``N*D``, ``N*V``), last rows against torch.
 7. ``compile``, ``autocast``: a torch.compile'd step against eager; autocast bf16 against bf16 inputs.
 8. ``sweep``: forward and backward kernel tile configurations timed at one shape (reported, not applied).
+9. ``score``: scoring throughput (`score_throughput.py`) against the Hugging Face logits path.
 
 Output: ``DIR/gpu_check.jsonl``, one JSON object per check (``name``, ``section``, ``status`` in
 pass | warn | skip | fail | error, ``seconds``, ``figures``, and ``reason`` or ``error``), flushed as
@@ -222,6 +223,7 @@ class Context:
     matmul_flops: float | None = None  # flop/s of the rate check
     cache: dict[tuple, Any] = field(default_factory=dict)
     current: str = ""
+    out: Path | None = None  # the results folder (checks that write a file of their own)
 
     def left(self) -> float:
         """Seconds of the budget still unspent."""
@@ -1748,6 +1750,41 @@ def section_sweep(ctx: Context) -> Section:
 
 
 # --------------------------------------------------------------------------------------------------
+# 9. Scoring throughput: the reference-scoring path against the Hugging Face logits path
+
+
+def check_scoring(ctx: Context) -> Outcome:
+    """`bench/score_throughput.py`: rho_fused's scorer (the model's body, then `token_losses`) against
+    ``model(...).logits`` + ``F.cross_entropy(reduction="none")`` on the same batches of random ids, a
+    randomly initialised Llama (GPU: 16 layers, D=2048, V=128256, 8 x 2048 tokens, bf16). Tokens/s and
+    peak memory above the model of each, in ``score-throughput.json`` beside the results. The per-token
+    losses must agree within 0.1 (the HF path rounds its logits to bf16) or 1e-4 in fp32, else a fail."""
+    import score_throughput
+
+    out = (ctx.out or Path(".")) / "score-throughput.json"
+    tiny = ["--layers", "1", "--dim", "32", "--heads", "2", "--vocab", "96", "--batch", "2", "--seq-len", "24"]
+    argv = (tiny + ["--reps", "2", "--dtype", "float32", "--device", "cpu"]) if ctx.smoke else ["--preset", "gpu"]
+    result = score_throughput.main([*argv, "--out", str(out)])
+    figures = {
+        "shape": "x".join(str(result["shape"][k]) for k in ("layers", "dim", "vocab", "batch", "seq_len")),
+        "dtype": result["shape"]["dtype"],
+        "hf_tokens_s": result["hf"]["tokens_per_s"],
+        "rho_fused_tokens_s": result["rho_fused"]["tokens_per_s"],
+        "speed_vs_hf": result["rho_fused"]["tokens_per_s"] / result["hf"]["tokens_per_s"],
+        "hf_peak_mib": result["hf"]["peak_mib"],
+        "rho_fused_peak_mib": result["rho_fused"]["peak_mib"],
+        "max_abs_diff": result["max_abs_diff"],
+    }
+    limit = 1e-4 if result["shape"]["dtype"] == "float32" else 0.1
+    ok = math.isfinite(result["max_abs_diff"]) and result["max_abs_diff"] <= limit
+    return Outcome("pass" if ok else "fail", figures, None if ok else f"losses differ by more than {limit}")
+
+
+def section_scoring(ctx: Context) -> Section:
+    return Section(9, "Scoring throughput", [Check("score/throughput", check_scoring, ctx.estimate(45))])
+
+
+# --------------------------------------------------------------------------------------------------
 # The summary, the command line
 
 
@@ -1760,6 +1797,7 @@ SECTION_BUILDERS: tuple[Callable[[Context], Section], ...] = (
     section_offsets,
     section_compile,
     section_sweep,
+    section_scoring,
 )
 
 
@@ -2013,6 +2051,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.resume is not None:
         ctx.start = args.resume
     rec = Recorder(Path(args.out.replace("{name}", result_name(ctx.device))), resume=args.resume is not None)
+    ctx.out = rec.out
     command = canonical_command(args, rec.out)
     sections = prepare(ctx, args.tiles)
     summary = lambda: write_summary(rec, sections, ctx, command, args.restarts)  # noqa: E731

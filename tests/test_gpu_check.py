@@ -25,6 +25,7 @@ SECTIONS = {
     6: ("offsets/",),
     7: ("compile/", "autocast/"),
     8: ("sweep/",),
+    9: ("score/",),
 }
 
 
