@@ -9,6 +9,11 @@ and ``C >= count`` their *capacity*, a bound the host knows from shapes and the 
 
        dz[k, v] = g_k / s * (softmax(z_k)[v] - onehot(t_k)[v]) * (1 - tanh^2(u / c) under a softcap)
 
+   or, with a per-row softmax coefficient ``a_k`` (``HAS_A``: z-loss, a gradient of the returned
+   logsumexp) and label smoothing ``eps`` (``HAS_SMOOTH``),
+
+       dz[k, v] = (a_k softmax(z_k)[v] - g_k ((1 - eps) onehot(t_k)[v] + eps / V)) / s  (* 1 - tanh^2)
+
    with ``softmax(z_k) = exp(z_k - lse_k)`` from the forward's ``lse``, into a ``[C, Vc]`` buffer in
    the input dtype (bf16 / fp16 / fp32). Positions ``k >= count`` get zero rows, without a recompute.
 2. cuBLAS (torch matmuls, fp32 accumulation inside):
@@ -72,6 +77,7 @@ def dz_kernel(
     T,  # *i64 [N] targets
     LSE,  # *f32 [N] from the forward
     G,  # *f32 upstream gradient per row: G[row * G_STRIDE]
+    A,  # *f32 [N] softmax coefficient per row (HAS_A; else a = g)
     INV_SCALE,  # *f32 [1]: 1 / s
     ROWS,  # *i32 [>= C] compacted kept rows; ROWS[:COUNT] are used
     COUNT,  # *i32 [1]
@@ -84,8 +90,11 @@ def dz_kernel(
     n_cols,  # columns of the chunk (and row stride of DZ)
     G_STRIDE,  # 0: one gradient for every row; 1: one per row
     softcap,
+    smoothing,  # label smoothing eps (HAS_SMOOTH)
     HAS_BIAS: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
+    HAS_A: tl.constexpr,
+    HAS_SMOOTH: tl.constexpr,
     NEED_DB: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr,
@@ -122,15 +131,26 @@ def dz_kernel(
     col_mask = (local < n_cols) & (cols < V)
     tgt = tl.load(T + rows, mask=row_mask, other=0)
     lse = tl.load(LSE + rows, mask=row_mask, other=0.0)
-    g = tl.load(G + rows * G_STRIDE, mask=row_mask, other=0.0) * tl.load(INV_SCALE)
+    inv_scale = tl.load(INV_SCALE)
+    g = tl.load(G + rows * G_STRIDE, mask=row_mask, other=0.0) * inv_scale
 
     z, t = logits_tile(
         H, W, B, rows, row_mask, cols, col_mask, D, softcap,
         HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, DOT_PRECISION,
     )  # fmt: skip
     # dz = g / s * (exp(z - lse) - onehot(t)) (* (1 - tanh^2) under a softcap), 0 outside the kept rows
-    dz = tl.exp(z - lse[:, None]) - tl.where(cols[None, :] == tgt[:, None], 1.0, 0.0)
-    dz = dz * g[:, None]
+    if HAS_A or HAS_SMOOTH:
+        # dz = (a exp(z - lse) - g ((1 - eps) onehot(t) + eps / V)) / s
+        a = g
+        if HAS_A:
+            a = tl.load(A + rows, mask=row_mask, other=0.0) * inv_scale
+        hot = tl.where(cols[None, :] == tgt[:, None], 1.0, 0.0)
+        if HAS_SMOOTH:
+            hot = hot * (1.0 - smoothing) + smoothing / V
+        dz = tl.exp(z - lse[:, None]) * a[:, None] - hot * g[:, None]
+    else:
+        dz = tl.exp(z - lse[:, None]) - tl.where(cols[None, :] == tgt[:, None], 1.0, 0.0)
+        dz = dz * g[:, None]
     if HAS_SOFTCAP:
         dz = dz * (1.0 - t * t)
     dz = tl.where(row_mask[:, None] & col_mask[None, :], dz, 0.0)
@@ -165,12 +185,16 @@ def default_config(dtype: torch.dtype) -> BackwardConfig:
     return BackwardConfig()
 
 
-def _scale(g: torch.Tensor, rows: torch.Tensor, live: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``s``, fp32 ``[1]`` on the device: ``2^floor(log2 max |g_k|)`` over the kept rows for fp16, else 1."""
+def _scale(
+    g: torch.Tensor, rows: torch.Tensor, live: torch.Tensor, dtype: torch.dtype, a: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``s``, fp32 ``[1]`` on the device: ``2^floor(log2 max |g_k|, |a_k|)`` over the kept rows for fp16, else 1."""
     if dtype != torch.float16:
         return torch.ones(1, dtype=torch.float32, device=g.device)
     gk = g.abs() if g.numel() == 1 else torch.where(live, g.index_select(0, rows).abs(), 0.0)
     top = gk.amax().reshape(1)
+    if a is not None:
+        top = torch.maximum(top, torch.where(live, a.index_select(0, rows).abs(), 0.0).amax().reshape(1))
     # a power of two: multiplying by it (or dividing) is exact; s = 1 when every g is 0
     return torch.where(top > 0, torch.exp2(torch.floor(torch.log2(top))), 1.0)
 
@@ -206,9 +230,12 @@ def kept_rows_backward(
     needs: tuple[bool, bool, bool],
     capacity: int | None = None,
     config: BackwardConfig | None = None,
+    softmax_coef: torch.Tensor | None = None,
+    label_smoothing: float = 0.0,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """``(dH [N, D], dW [V, D], db [V])`` of ``sum_i g_i * ce_i`` over the kept rows ``rows[:count]``,
-    in the dtypes of ``hidden``, ``weight`` and ``bias``.
+    in the dtypes of ``hidden``, ``weight`` and ``bias``. With ``softmax_coef`` (fp32 ``[N]``, ``a_i``)
+    and ``label_smoothing`` (``eps``) the rows' ``dz`` is ``a_i softmax - g_i ((1 - eps) onehot + eps / V)``.
 
     ``grad`` is fp32, one element (the same ``g`` for every row) or ``[N]`` (``g_i`` per row).
     ``capacity``: an upper bound of ``count`` known on the host (default ``N``); the cuBLAS matmuls
@@ -235,7 +262,7 @@ def kept_rows_backward(
     live = pos < count.to(torch.int64)
     kept = rows[:cap].to(torch.int64)
     gather_rows = torch.where(live, kept, 0)
-    s = _scale(grad, gather_rows, live, dtype)
+    s = _scale(grad, gather_rows, live, dtype, softmax_coef)
     inv_s = 1.0 / s
 
     hk = None
@@ -255,9 +282,11 @@ def kept_rows_backward(
         part = part_buf[: tiles_n * w].view(tiles_n, w) if need_db else part_buf
         grid = (triton.cdiv(w, cfg.block_v) * tiles_n,)
         dz_kernel[grid](
-            hidden, weight, weight if bias is None else bias, targets, lse, grad, inv_s, rows, count, dz, part,
+            hidden, weight, weight if bias is None else bias, targets, lse, grad,
+            grad if softmax_coef is None else softmax_coef, inv_s, rows, count, dz, part,
             v, d, cap, v0, w, 0 if grad.numel() == 1 else 1, 1.0 if softcap is None else softcap,
-            HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, NEED_DB=need_db,
+            float(label_smoothing), HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None,
+            HAS_A=softmax_coef is not None, HAS_SMOOTH=label_smoothing != 0, NEED_DB=need_db,
             BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d, GROUP_N=cfg.group_n,
             DOT_PRECISION=dot_precision(dtype),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,

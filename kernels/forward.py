@@ -2,7 +2,8 @@
 
 The logits exist only as ``[BLOCK_N, BLOCK_V]`` tiles in registers. Program ``(i, s)`` takes row
 tile ``i`` of the compacted valid rows and vocabulary slice ``s``, and writes, per row, the
-partial ``(max, sum of exp, target logit)`` of its slice; `rho_fused.kernels.merge.merge_partials`
+partial ``(max, sum of exp, target logit)`` of its slice, and with ``HAS_ZSUM`` the slice's sum of
+the logits (label smoothing needs ``sum_v z_v``); `rho_fused.kernels.merge.merge_partials`
 combines the slices. Splitting the vocabulary fills the GPU when the row tiles alone are too few.
 fp32 inputs take full-precision (non-TF32) dots, see `dot_precision`.
 """
@@ -30,6 +31,7 @@ def forward_kernel(
     PART_M,  # *f32 [S, N] out: max over the slice of z[n, v]
     PART_S,  # *f32 [S, N] out: sum over the slice of exp(z[n, v] - max)
     PART_T,  # *f32 [S, N] out: z[n, target_n] if the target is in the slice, else 0
+    PART_Z,  # *f32 [S, N] out (HAS_ZSUM): sum over the slice of z[n, v]
     N,
     V,
     D,
@@ -37,6 +39,7 @@ def forward_kernel(
     softcap,
     HAS_BIAS: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
+    HAS_ZSUM: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -60,9 +63,10 @@ def forward_kernel(
     m = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
     s = tl.zeros([BLOCK_N], dtype=tl.float32)
     t = tl.zeros([BLOCK_N], dtype=tl.float32)
+    zs = tl.zeros([BLOCK_N], dtype=tl.float32)
     # Online logsumexp over the slice, one vocabulary tile at a time:
     #   m' = max(m, max_v z[:, v]);  s' = s * exp(m - m') + sum_v exp(z[:, v] - m')
-    # and t picks z[n, target_n] in the tile that holds the target.
+    # and t picks z[n, target_n] in the tile that holds the target; zs sums z under HAS_ZSUM.
     for v0 in range(v_start, v_end, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V).to(tl.int64)
         col_mask = cols < V
@@ -70,6 +74,8 @@ def forward_kernel(
             H, W, B, rows, row_mask, cols, col_mask, D, softcap,
             HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, DOT_PRECISION,
         )  # fmt: skip
+        if HAS_ZSUM:
+            zs += tl.sum(tl.where(col_mask[None, :], z, 0.0), axis=1)
         z = tl.where(col_mask[None, :], z, float("-inf"))
         t += tl.sum(tl.where(cols[None, :] == tgt[:, None], z, 0.0), axis=1)
         m_new = tl.maximum(m, tl.max(z, axis=1))
@@ -79,6 +85,8 @@ def forward_kernel(
     tl.store(PART_M + out, m, mask=row_mask)
     tl.store(PART_S + out, s, mask=row_mask)
     tl.store(PART_T + out, t, mask=row_mask)
+    if HAS_ZSUM:
+        tl.store(PART_Z + out, zs, mask=row_mask)
 
 
 @dataclass(frozen=True)
@@ -118,8 +126,10 @@ def logsumexp_partials(
     count: torch.Tensor,
     softcap: float | None,
     config: ForwardConfig | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Partial ``(max, sumexp, target logit)`` per vocabulary slice, each fp32 ``[S, N]``.
+    z_sum: bool = False,
+) -> tuple[torch.Tensor, ...]:
+    """Partial ``(max, sumexp, target logit)`` per vocabulary slice, each fp32 ``[S, N]``, and with
+    ``z_sum`` a fourth, the slice's sum of the logits.
 
     ``hidden [N, D]``, ``weight [V, D]``, ``bias [V]`` contiguous and of one dtype; ``rows[:count]``
     the valid rows (from `rho_fused.kernels.compact.compact_mask`). Only those rows of the outputs
@@ -130,16 +140,16 @@ def logsumexp_partials(
     v = weight.shape[0]
     sms = torch.cuda.get_device_properties(hidden.device).multi_processor_count if hidden.is_cuda else None
     plan = forward_plan(n, v, sms, cfg)
-    part = torch.empty(3, plan.splits, n, dtype=torch.float32, device=hidden.device)
+    part = torch.empty(4 if z_sum else 3, plan.splits, n, dtype=torch.float32, device=hidden.device)
     grid = (plan.programs,)
     if n > 0:
         forward_kernel[grid](
             hidden, weight, weight if bias is None else bias, targets, rows, count,
-            part[0], part[1], part[2],
+            part[0], part[1], part[2], part[3] if z_sum else part[2],
             n, v, d, plan.v_per_split, 1.0 if softcap is None else softcap,
-            HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None,
+            HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, HAS_ZSUM=z_sum,
             BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d,
             DOT_PRECISION=dot_precision(hidden.dtype),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )  # fmt: skip
-    return part[0], part[1], part[2]
+    return tuple(part.unbind(0))

@@ -60,7 +60,10 @@ def specs(dtype: torch.dtype = DTYPE, extras: bool = False) -> list[KernelSpec]:
     """The launchers' configurations at the report's shape for ``dtype``.
 
     ``extras=False``: the common LM head (no bias, no softcap, one upstream gradient for all rows).
-    ``extras=True``: bias, softcap, d bias and a per-token upstream gradient (``reduction="none"``).
+    ``extras=True``: bias, softcap, d bias and a per-token upstream gradient (``reduction="none"``),
+    and the contract's variants in the kernels: the forward's and merge's sum of the logits (label
+    smoothing), the backward's per-row softmax coefficient (z-loss, a gradient of ``lse``) and
+    smoothing terms.
     """
     fc, bc = forward.default_config(dtype), backward.default_config(dtype)
     sc, cc, mc = select.DEFAULT_CONFIG, compact.DEFAULT_CONFIG, merge.DEFAULT_CONFIG
@@ -82,22 +85,22 @@ def specs(dtype: torch.dtype = DTYPE, extras: bool = False) -> list[KernelSpec]:
             "forward", forward.forward_kernel,
             {
                 "H": h, "W": h, "B": h, "T": "*i64", "ROWS": "*i32", "COUNT": "*i32",
-                "PART_M": "*fp32", "PART_S": "*fp32", "PART_T": "*fp32",
+                "PART_M": "*fp32", "PART_S": "*fp32", "PART_T": "*fp32", "PART_Z": "*fp32",
                 "N": N, "V": V, "D": D, "v_per_split": v_per_split, "softcap": softcap,
-                "HAS_BIAS": extras, "HAS_SOFTCAP": extras, "BLOCK_N": fc.block_n, "BLOCK_V": fc.block_v,
-                "BLOCK_D": fc.block_d, "DOT_PRECISION": forward.dot_precision(dtype),
+                "HAS_BIAS": extras, "HAS_SOFTCAP": extras, "HAS_ZSUM": extras, "BLOCK_N": fc.block_n,
+                "BLOCK_V": fc.block_v, "BLOCK_D": fc.block_d, "DOT_PRECISION": forward.dot_precision(dtype),
             },
-            ("HAS_BIAS", "HAS_SOFTCAP", "BLOCK_N", "BLOCK_V", "BLOCK_D", "DOT_PRECISION"),
+            ("HAS_BIAS", "HAS_SOFTCAP", "HAS_ZSUM", "BLOCK_N", "BLOCK_V", "BLOCK_D", "DOT_PRECISION"),
             fc.num_warps, fc.num_stages,
         ),
         KernelSpec(
             "merge", merge.merge_kernel,
             {
-                "PART_M": "*fp32", "PART_S": "*fp32", "PART_T": "*fp32", "T": "*i64", "REF": "*fp32",
-                "LSE": "*fp32", "CE": "*fp32", "EXCESS": "*fp32", "N": N, "S": splits, "ignore_index": -100,
-                "HAS_REF": not extras, "BLOCK": mc.block,
+                "PART_M": "*fp32", "PART_S": "*fp32", "PART_T": "*fp32", "PART_Z": "*fp32", "T": "*i64",
+                "REF": "*fp32", "LSE": "*fp32", "CE": "*fp32", "EXCESS": "*fp32", "ZSUM": "*fp32", "N": N,
+                "S": splits, "ignore_index": -100, "HAS_REF": not extras, "HAS_ZSUM": extras, "BLOCK": mc.block,
             },
-            ("HAS_REF", "BLOCK"), mc.num_warps, mc.num_stages,
+            ("HAS_REF", "HAS_ZSUM", "BLOCK"), mc.num_warps, mc.num_stages,
         ),
         KernelSpec(
             "select", select.select_kernel,
@@ -110,14 +113,15 @@ def specs(dtype: torch.dtype = DTYPE, extras: bool = False) -> list[KernelSpec]:
         KernelSpec(
             "backward", backward.dz_kernel,
             {
-                "H": h, "W": h, "B": h, "T": "*i64", "LSE": "*fp32", "G": "*fp32", "INV_SCALE": "*fp32",
-                "ROWS": "*i32", "COUNT": "*i32", "DZ": h, "DB_PART": "*fp32", "V": V, "D": D, "C": capacity,
-                "v0": chunk, "n_cols": chunk, "G_STRIDE": int(extras), "softcap": softcap,
-                "HAS_BIAS": extras, "HAS_SOFTCAP": extras, "NEED_DB": extras, "BLOCK_N": bc.block_n,
-                "BLOCK_V": bc.block_v, "BLOCK_D": bc.block_d, "GROUP_N": bc.group_n,
-                "DOT_PRECISION": forward.dot_precision(dtype),
+                "H": h, "W": h, "B": h, "T": "*i64", "LSE": "*fp32", "G": "*fp32", "A": "*fp32",
+                "INV_SCALE": "*fp32", "ROWS": "*i32", "COUNT": "*i32", "DZ": h, "DB_PART": "*fp32", "V": V, "D": D,
+                "C": capacity, "v0": chunk, "n_cols": chunk, "G_STRIDE": int(extras), "softcap": softcap,
+                "smoothing": 0.1 if extras else 0.0, "HAS_BIAS": extras, "HAS_SOFTCAP": extras, "HAS_A": extras,
+                "HAS_SMOOTH": extras, "NEED_DB": extras, "BLOCK_N": bc.block_n, "BLOCK_V": bc.block_v,
+                "BLOCK_D": bc.block_d, "GROUP_N": bc.group_n, "DOT_PRECISION": forward.dot_precision(dtype),
             },
-            ("HAS_BIAS", "HAS_SOFTCAP", "NEED_DB", "BLOCK_N", "BLOCK_V", "BLOCK_D", "GROUP_N", "DOT_PRECISION"),
+            ("HAS_BIAS", "HAS_SOFTCAP", "HAS_A", "HAS_SMOOTH", "NEED_DB", "BLOCK_N", "BLOCK_V", "BLOCK_D", "GROUP_N",
+             "DOT_PRECISION"),
             bc.num_warps, bc.num_stages,
         ),
     ]  # fmt: skip
@@ -250,7 +254,11 @@ def main(argv: list[str] | None = None) -> int:
         "registers, spills, shared memory and tensor-core instruction counts (no GPU needed).",
     )
     parser.add_argument("--json", action="store_true", help="one JSON object per line (HGMMA and HMMA apart)")
-    parser.add_argument("--variants", action="store_true", help="also fp16, fp32, and bias + softcap + per-token g")
+    parser.add_argument(
+        "--variants",
+        action="store_true",
+        help="also fp16, fp32, and bias + softcap + per-token g + the loss variants (smoothing, softmax coefficient)",
+    )
     args = parser.parse_args(argv)
     as_json = args.json
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # the JIT's default; silences 3.9's notice
@@ -265,7 +273,8 @@ def main(argv: list[str] | None = None) -> int:
     for dtype, extras in runs:
         name = str(dtype).removeprefix("torch.")
         if (dtype, extras) != (DTYPE, False) and not as_json:
-            print(f"# variant: {name}{', bias + softcap + d bias + per-token g' if extras else ''}")
+            extra = ", bias + softcap + d bias + per-token g + smoothing + softmax coefficient" if extras else ""
+            print(f"# variant: {name}{extra}")
         for spec in specs(dtype, extras):
             if (dtype, extras) != (DTYPE, False) and spec.name in ("compact", "select"):
                 continue  # independent of the input dtype and of these options

@@ -93,25 +93,46 @@ def make_case(
     return case
 
 
-def run(case: Case, backend: str, **options) -> tuple[Tensor, list[Tensor | None], rho_fused.SelectionStats]:
-    """Loss, gradients ``[d hidden, d weight, d bias]`` and stats of one backend on ``case``, on the CPU.
+def _call_options(options: dict, device: str) -> dict:
+    """The loss options for a call on ``device``: ``generator`` given as a seed becomes a fresh
+    generator of that seed on ``device`` (every backend then draws the same U), tensors move there."""
+    out = dict(options)
+    if "generator" in out:
+        out["generator"] = torch.Generator(device=device).manual_seed(out["generator"])
+    if out.get("token_weights") is not None:
+        out["token_weights"] = out["token_weights"].to(device)
+    return out
 
-    The triton backend runs on ``KERNEL_DEVICE``: the GPU where there is one, else the interpreter.
+
+def run(
+    case: Case, backend: str, **options
+) -> tuple[Tensor | list[Tensor], list[Tensor | None], rho_fused.SelectionStats]:
+    """The loss (``[loss, lse]`` with ``return_lse``), gradients ``[d hidden, d weight, d bias]``
+    and stats of one backend on ``case``, on the CPU.
+
+    The triton backend runs on ``KERNEL_DEVICE``: the GPU where there is one, else the interpreter;
+    so does every backend of a sampled selection (the same generator must draw the same U).
+    The gradients are those of the loss (times the case's per-token upstream under ``none``) plus,
+    with ``return_lse``, ``lse`` times the flipped upstream.
     """
-    device = KERNEL_DEVICE if backend == "triton" else case.hidden.device.type
+    sampled = options.get("selection") == "sample"
+    device = KERNEL_DEVICE if backend == "triton" or sampled else case.hidden.device.type
     on = case if device == case.hidden.device.type else case.on(device)
-    loss, stats = rho_fused.fused_selective_loss(
-        on.hidden, on.weight, on.targets, on.ref_loss, bias=on.bias, backend=backend, return_stats=True, **options
-    )
-    grads = _grads(on, loss, options.get("reduction", "mean"))
-    if on is case:
-        return loss.detach(), grads, stats
-    stats = rho_fused.SelectionStats(**{k: v.cpu() for k, v in vars(stats).items()})
-    return loss.detach().cpu(), [None if g is None else g.cpu() for g in grads], stats
+    out = rho_fused.fused_selective_loss(
+        on.hidden, on.weight, on.targets, on.ref_loss, bias=on.bias, backend=backend, return_stats=True,
+        **_call_options(options, device),
+    )  # fmt: skip
+    outputs, stats = list(out[:-1]), out[-1]
+    grads = _grads(on, outputs, options.get("reduction", "mean"))
+    outputs = [o.detach().cpu() for o in outputs]
+    stats = rho_fused.SelectionStats(**{k: None if v is None else v.cpu() for k, v in vars(stats).items()})
+    grads = [None if g is None else g.cpu() for g in grads]
+    return (outputs[0] if len(outputs) == 1 else outputs), grads, stats
 
 
-def naive_pytorch(case: Case, kept: Tensor, **options) -> tuple[Tensor, list[Tensor | None]]:
-    """SLM as users write it, entirely in the case's dtype: full logits, CE, the given kept mask."""
+def naive_pytorch(case: Case, stats: rho_fused.SelectionStats, **options) -> tuple[list[Tensor], list[Tensor | None]]:
+    """SLM as users write it, entirely in the case's dtype: full logits, torch's cross-entropy (with
+    its label smoothing), z-loss on torch's logsumexp, the given kept tokens' weights."""
     z = case.hidden @ case.weight.T
     if case.bias is not None:
         z = z + case.bias
@@ -119,24 +140,42 @@ def naive_pytorch(case: Case, kept: Tensor, **options) -> tuple[Tensor, list[Ten
     if cap is not None:
         z = cap * torch.tanh(z / cap)
     safe = torch.where(case.targets == IGNORE, 0, case.targets)
-    ce = F.cross_entropy(z.flatten(0, -2), safe.flatten(), reduction="none").view(case.targets.shape)
-    per_token = ce * kept
+    eps = options.get("label_smoothing", 0.0)
+    ce = F.cross_entropy(z.flatten(0, -2), safe.flatten(), reduction="none", label_smoothing=eps)
+    ce = ce.view(case.targets.shape)
+    lse = torch.logsumexp(z, dim=-1)
+    if options.get("z_loss"):
+        ce = ce + options["z_loss"] * lse.square()
+    weight = stats.weight.to(device=ce.device, dtype=ce.dtype)
+    per_token = torch.where(stats.kept.to(ce.device), ce * weight, 0.0)
     reduction = options.get("reduction", "mean")
     if reduction == "none":
         loss = per_token
     elif reduction == "sum":
         loss = per_token.sum()
     else:
-        loss = per_token.sum() / kept.sum().clamp(min=1)
-    return loss.detach(), _grads(case, loss, reduction)
+        loss = per_token.sum() / weight.sum().clamp(min=torch.finfo(weight.dtype).tiny)
+    outputs = [loss]
+    if options.get("return_lse"):
+        outputs.append(torch.where(case.targets == IGNORE, 0.0, lse))
+    return [o.detach() for o in outputs], _grads(case, outputs, reduction)
 
 
-def _grads(case: Case, loss: Tensor, reduction: str) -> list[Tensor | None]:
+def _grads(case: Case, outputs: list[Tensor], reduction: str) -> list[Tensor | None]:
     inputs = [t for t in (case.hidden, case.weight, case.bias) if t is not None]
-    upstream = case.upstream.to(loss.dtype) if reduction == "none" else None
-    grads = torch.autograd.grad(loss, inputs, grad_outputs=upstream, allow_unused=True)
+    loss = outputs[0]
+    upstream = [case.upstream.to(loss.dtype) if reduction == "none" else torch.ones_like(loss)]
+    if len(outputs) > 1:  # lse, differentiable
+        upstream.append(case.upstream.flip(-1).to(outputs[1].dtype))
+    grads = torch.autograd.grad(outputs, inputs, grad_outputs=upstream, allow_unused=True)
     grads = [torch.zeros_like(x) if gr is None else gr for x, gr in zip(inputs, grads, strict=True)]
     return grads + [None] * (3 - len(grads))
+
+
+def _listed(result: tuple) -> tuple:
+    """`run`'s result with its outputs always a list."""
+    out, grads, stats = result
+    return ([out] if isinstance(out, Tensor) else out), grads, stats
 
 
 def max_err(a: Tensor, truth: Tensor) -> float:
@@ -147,17 +186,21 @@ def assert_parity(case: Case, backend: str, dtype: torch.dtype, **options) -> rh
     """``backend`` in ``dtype`` against the fp64 truth, PyTorch in ``dtype``, and the reference in ``dtype``."""
     low = case.to(dtype)
     # The truth of the inputs this dtype can hold: rounding the inputs is not the backend's error.
-    truth_loss, truth_grads, truth_stats = run(low.to(torch.float64), "reference", **options)
-    loss, grads, stats = run(low, backend, **options)
-    ref_loss, ref_grads, ref_stats = run(low, "reference", **options)
-    torch_loss, torch_grads = naive_pytorch(low, truth_stats.kept, **options)
+    truth_out, truth_grads, truth_stats = _listed(run(low.to(torch.float64), "reference", **options))
+    out, grads, stats = _listed(run(low, backend, **options))
+    ref_out, ref_grads, ref_stats = _listed(run(low, "reference", **options))
+    torch_out, torch_grads = naive_pytorch(low, truth_stats, **options)
 
     assert torch.equal(stats.kept, truth_stats.kept), "kept set differs from the fp64 truth's"
     assert torch.equal(stats.kept, ref_stats.kept)
     assert torch.equal(stats.n_kept, truth_stats.n_kept) and torch.equal(stats.n_valid, truth_stats.n_valid)
-    names = ["loss", "d hidden", "d weight", "d bias"]
+    # the weights are constants of the excess: within its rounding of the truth's (soft weights'
+    # slope is at most 1 / (4 temperature))
+    weight_tol = 1e-4 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(stats.weight.double(), truth_stats.weight, rtol=weight_tol, atol=weight_tol)
+    names = ["loss", "lse"][: len(out)] + ["d hidden", "d weight", "d bias"]
     for name, ours, ref, pt, truth in zip(
-        names, [loss, *grads], [ref_loss, *ref_grads], [torch_loss, *torch_grads], [truth_loss, *truth_grads],
+        names, [*out, *grads], [*ref_out, *ref_grads], [*torch_out, *torch_grads], [*truth_out, *truth_grads],
         strict=True,
     ):  # fmt: skip
         if truth is None:

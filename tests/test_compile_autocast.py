@@ -58,6 +58,33 @@ def test_compiled_loss_equals_eager(backend, reduction):
         torch.testing.assert_close(g, e, **tol)
 
 
+@pytest.mark.usefixtures("small_blocks")
+@pytest.mark.parametrize("backend", ["chunked", "triton"])
+def test_compiled_variants_equal_eager(backend):
+    """Threshold selection, token weights, two references, z-loss, smoothing and a differentiable
+    lse: one operator under fullgraph, bitwise equal to eager (aot_eager: dynamo and AOT autograd
+    trace the call, no inductor fusion of the ops around it)."""
+    torch._dynamo.reset()
+
+    def fn(hidden, weight, targets, ref_loss, bias, token_weights):
+        refs = torch.stack([ref_loss, ref_loss * 0.5])
+        loss, lse = rho_fused.fused_selective_loss(
+            hidden, weight, targets, refs, bias=bias, backend=backend, selection="threshold", threshold=0.5,
+            token_weights=token_weights, ref_reduce="min", z_loss=1e-2, label_smoothing=0.1, return_lse=True,
+            scope="sequence",
+        )  # fmt: skip
+        return loss + (lse * lse.detach().cos()).sum()
+
+    results = []
+    for f in (torch.compile(fn, fullgraph=True, backend="aot_eager"), fn):
+        case = _inputs(backend, seed=6)
+        w = torch.rand(case.targets.shape, generator=torch.Generator().manual_seed(1)).to(case.hidden.device)
+        out = f(case.hidden, case.weight, case.targets, case.ref_loss, case.bias, w)
+        results.append([out.detach(), *torch.autograd.grad(out, [case.hidden, case.weight, case.bias])])
+    for got, want in zip(*results, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("backend", ["chunked", "triton"])
 def test_value_checks_run_under_compile(backend):
     torch._dynamo.reset()
@@ -129,15 +156,22 @@ def test_autocast_leaves_fp64_alone():
 @pytest.mark.usefixtures("small_blocks")
 @pytest.mark.parametrize("backend", ["chunked", "triton"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("scope,reduction", [("batch", "mean"), ("sequence", "none")])
-def test_operators_pass_opcheck(backend, dtype, scope, reduction):
+@pytest.mark.parametrize("scope,reduction,variant", [("batch", "mean", False), ("sequence", "none", True)])
+def test_operators_pass_opcheck(backend, dtype, scope, reduction, variant):
     """``torch.library.opcheck``: the shape functions (what torch.compile traces with) give the real
-    outputs' shapes and dtypes, the schema is right, and autograd is registered as it should be."""
+    outputs' shapes and dtypes, the schema is right, and autograd is registered as it should be
+    (``variant``: threshold selection, token weights, two references, z-loss and smoothing)."""
     rho_fused.backends.resolve(backend, torch.device("cpu"))  # the operators exist once imported
     case = _inputs(backend, seed=5, dtype=dtype)
     y, r = case.targets.reshape(-1), case.ref_loss.reshape(-1)
     h = case.hidden.detach().reshape(-1, case.hidden.shape[-1]).requires_grad_()
-    args = (h, case.weight, case.bias, y, r, 0.6, -100, reduction, scope, 3 if scope == "sequence" else 1, None, None)
+    tensors = (h, case.weight, case.bias, y, r, None, None)
+    options = ("mean", "topk", "hard", 0.0, 1.0, 0.0, 0.0)
+    if variant:
+        tensors = (h, case.weight, case.bias, y, torch.stack([r, r + 1]), torch.rand_like(r), None)
+        options = ("max", "threshold", "hard", 0.5, 1.0, 1e-2, 0.1)
+    groups = 3 if scope == "sequence" else 1
+    args = (*tensors, 0.6, -100, reduction, scope, groups, None, *options, None)
     torch.library.opcheck(getattr(torch.ops.rho_fused, f"{backend}_loss").default, args)
     torch.library.opcheck(
         getattr(torch.ops.rho_fused, f"{backend}_token_losses").default,

@@ -53,12 +53,48 @@ def call(options=None, **override):
         ({}, dict(softcap=-1.0), ValueError, ["softcap", "-1.0"]),
         ({}, dict(bias=torch.randn(V + 1)), ValueError, ["bias", "(10,)"]),
         ({}, dict(backend="cuda"), ValueError, ["backend", "'cuda'"]),
+        # the contract's variants
+        ({}, dict(selection="top_k"), ValueError, ["selection", "'top_k'"]),
+        ({}, dict(selection="threshold", keep_ratio=0.6), ValueError, ["keep_ratio", "selection='threshold'", "0.6"]),
+        ({}, dict(weighting="soft", keep_ratio=0.5), ValueError, ["keep_ratio", "weighting='soft'", "0.5"]),
+        ({}, dict(weighting="soft", selection="sample"), ValueError, ["weighting='soft'", "'sample'"]),
+        ({}, dict(weighting="hardest"), ValueError, ["weighting", "'hardest'"]),
+        ({}, dict(threshold=0.5), ValueError, ["threshold", "0.5", "selection='topk'"]),
+        ({}, dict(selection="threshold", threshold=float("nan")), ValueError, ["threshold", "nan"]),
+        ({}, dict(selection="threshold", threshold="0"), TypeError, ["threshold", "str"]),
+        ({}, dict(weighting="soft", temperature=0.0), ValueError, ["temperature", "0.0"]),
+        ({}, dict(temperature=2.0), ValueError, ["temperature", "2.0", "selection='topk'"]),
+        ({}, dict(generator=torch.Generator()), ValueError, ["generator", "selection='topk'"]),
+        ({}, dict(selection="sample", generator=5), TypeError, ["generator", "int"]),
+        ({}, dict(token_weights=torch.rand(N + 1)), ValueError, ["token_weights", "(7,)", "(6,)"]),
+        ({}, dict(token_weights=torch.ones(N, dtype=torch.long)), TypeError, ["token_weights", "int64"]),
+        (
+            {},
+            dict(token_weights=torch.tensor([1.0, 1, 1, -0.5, 1, 1])),
+            ValueError,
+            ["token_weights", "-0.5", "position 3"],
+        ),
+        ({}, dict(token_weights=torch.tensor([1.0, float("inf"), 1, 1, 1, 1])), ValueError, ["token_weights", "inf"]),
+        (dict(ref_loss=torch.rand(2, N + 1)), {}, ValueError, ["ref_loss", "[K, *targets.shape]", "(2, 7)"]),
+        (dict(ref_loss=torch.rand(0, N)), {}, ValueError, ["ref_loss", "(0, 6)"]),
+        (
+            dict(ref_loss=torch.tensor([[0.0] * N, [0.0, 1, 2, float("inf"), 3, 4]])),
+            {},
+            ValueError,
+            ["ref_loss", "inf", "position 3"],
+        ),
+        ({}, dict(ref_reduce="median"), ValueError, ["ref_reduce", "'median'"]),
+        ({}, dict(z_loss=-1e-4), ValueError, ["z_loss", "-0.0001"]),
+        ({}, dict(z_loss=float("inf")), ValueError, ["z_loss", "inf"]),
+        ({}, dict(label_smoothing=1.5), ValueError, ["label_smoothing", "1.5", "[0.0, 1.0]"]),
+        ({}, dict(return_lse="yes"), TypeError, ["return_lse", "str"]),
     ],
 )
 def test_bad_input_is_named(override, options, error, words):
     with pytest.raises(error) as info:
         call(options, **override)
     message = str(info.value)
+    assert "\n" not in message, message
     for word in words:
         assert word in message, f"{word!r} not in {message!r}"
 
@@ -78,3 +114,12 @@ def test_value_checks_can_be_switched_off(monkeypatch):
     monkeypatch.setattr(validation, "CHECK_VALUES", False)
     ref = torch.tensor([0.0, 1, float("nan"), 2, 3, 4])
     assert isinstance(call(ref_loss=ref), torch.Tensor)
+
+
+@pytest.mark.parametrize("backend", ["reference", "chunked"])
+def test_token_weights_checked_at_valid_tokens_only(backend):
+    """A negative weight where the target is ignored is never read."""
+    targets = torch.tensor([0, 1, -100, 2, 3, 4])
+    weights = torch.tensor([1.0, 1, -5.0, 1, 1, 1])
+    loss = call(dict(token_weights=weights, backend=backend), targets=targets)
+    assert torch.isfinite(loss)

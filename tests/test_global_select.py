@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from cases import IGNORE, make_case
+from global_variants import check_variants
 
 import rho_fused
 from rho_fused.global_select import key_to_float, order_keys
@@ -107,6 +108,24 @@ def test_global_scope_matches_concatenated_batch(sizes, backend, reduction, ties
         nprocs=len(sizes),
         start_method="spawn",
     )
+
+
+def _variant_worker(rank: int, sizes: list[int], port: int) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=len(sizes))
+    try:
+        check_variants(rank, sizes, "chunked")
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+    os._exit(0)  # as in _worker: no interpreter finalisation with gloo's threads alive
+
+
+def test_global_scope_variants():
+    """Threshold, sampled and soft selection, token weights, several references, z-loss, label
+    smoothing and lse with scope="global" (tests/global_variants.py), chunked on 3 ranks."""
+    sizes = [11, 20, 9]
+    mp.start_processes(_variant_worker, args=(sizes, _free_port()), nprocs=len(sizes), start_method="spawn")
 
 
 def test_every_nan_ranks_above_inf():

@@ -116,6 +116,37 @@ def test_triton_forward_and_backward_read_nothing(monkeypatch, scope, reduction)
     assert int(stats.n_kept.sum()) == int(stats.kept.sum()) > 0
 
 
+VARIANTS = {
+    "threshold": dict(selection="threshold", threshold=0.5, z_loss=1e-2, label_smoothing=0.1),
+    "sample": dict(selection="sample", keep_ratio=0.5, generator=3),
+    "soft": dict(weighting="soft", temperature=0.5),
+}
+
+
+@pytest.mark.usefixtures("small_blocks")
+@pytest.mark.parametrize("scope,variant", [("batch", "threshold"), ("sequence", "sample"), ("global", "soft")])
+def test_triton_variants_read_nothing(monkeypatch, scope, variant):
+    """The selection rules, weights, several references, z-loss, smoothing and lse's gradient: still
+    no host read, forward or backward."""
+    monkeypatch.setattr(validation, "CHECK_VALUES", False)
+    case = make_case((3, 11), 24, 97, seed=17, bias=True).on(KERNEL_DEVICE)
+    options = dict(VARIANTS[variant])
+    if "generator" in options:
+        options["generator"] = torch.Generator(device=KERNEL_DEVICE).manual_seed(options["generator"])
+    refs = torch.stack([case.ref_loss, case.ref_loss * 0.5])  # two references
+    weights = torch.rand(3, 11, device=KERNEL_DEVICE)
+    group = one_process_group() if scope == "global" else contextlib.nullcontext()
+    with group, HostReads() as reads:
+        loss, lse, stats = rho_fused.fused_selective_loss(
+            case.hidden, case.weight, case.targets, refs, bias=case.bias, scope=scope, backend="triton",
+            token_weights=weights, ref_reduce="min", return_lse=True, return_stats=True, **options,
+        )  # fmt: skip
+        torch.autograd.backward([loss, lse], [torch.ones_like(loss), case.upstream])
+    assert reads.ops == ["rho_fused::triton_loss", "rho_fused::triton_loss_backward"], reads.ops
+    assert reads.seen == [], f"host reads in the triton backend, {variant}, scope={scope!r}: {reads.seen}"
+    assert case.hidden.grad is not None and case.weight.grad is not None
+
+
 @pytest.mark.usefixtures("small_blocks")
 @pytest.mark.parametrize("check_values", [True, False])
 def test_value_checks_are_the_only_reads(monkeypatch, check_values):

@@ -251,7 +251,7 @@ def test_kept_capacity_bounds_the_kept_count(shape, scope, keep_ratio):
             case.hidden, case.weight, case.targets, case.ref_loss, keep_ratio=keep_ratio, bias=None,
             ignore_index=IGNORE, reduction="mean", scope=scope, softcap=None,
         )  # fmt: skip
-        _, stats = rho_fused.backends.reference.selective_loss(p)
+        _, _, stats = rho_fused.backends.reference.selective_loss(p)
         n_kept = int(stats.n_kept.sum())
         capacity = triton_backend.kept_capacity(p)
         assert n_kept <= capacity <= case.targets.numel()

@@ -9,7 +9,10 @@ with ``m`` and ``s`` from the forward,
     d z_i = g_i * (softmax(z_i) - onehot(t_i))            (times 1 - tanh^2 under a softcap)
     d hidden_i = d z_i @ W,   d W = sum_i d z_i^T hidden_i,   d bias = sum_i d z_i
 
-where ``g_i`` is the upstream gradient of token ``i``'s term of the loss.
+where ``g_i`` is the upstream gradient of token ``i``'s term of the loss. With z-loss ``c``, label
+smoothing ``eps`` or a gradient ``g_lse`` of the returned logsumexp, per row,
+
+    d z_i = a_i softmax(z_i) - g_i ((1 - eps) onehot(t_i) + eps / V),   a_i = g_i (1 + 2 c lse_i) + g_lse_i
 
 How it stays near the matmul floor ``(2 + 6 r) N D V`` (measurements in ``bench/NOTES.md``):
 
@@ -35,8 +38,8 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
-from ..problem import LossProblem, SelectionStats, reduce_loss
-from ..selection import select
+from ..problem import LossProblem, SelectionStats, reduce_loss, reference_loss, token_term
+from ..selection import choose, select_top
 from .ops import define
 
 # Working memory of the forward: its two logits-sized buffers (the tile, and log-softmax's output).
@@ -154,8 +157,10 @@ def _col_blocks(t: Tensor, n_vocab: int, step: int) -> Iterator[tuple[slice, Ten
         yield slice(start, min(start + step, n_vocab)), order[lo:hi], sorted_t[lo:hi] - start
 
 
-def _forward(p: LossProblem) -> tuple[Tensor, Tensor, Tensor]:
-    """``(ce, m, s)`` per token in the compute dtype, 0 at ignored tokens, which cost nothing.
+def _forward(p: LossProblem) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
+    """``(ce, m, s, lse, z_sum)`` per token in the compute dtype, 0 at ignored tokens, which cost nothing.
+
+    ``z_sum = sum_v z_v`` only under label smoothing (else None).
 
     ``m`` is the largest logit of each row and ``s = logsumexp(z) - m``: the backward forms the
     softmax as ``exp((z - m) - s)``, as PyTorch's ``log_softmax`` does, each subtraction exact or
@@ -166,7 +171,8 @@ def _forward(p: LossProblem) -> tuple[Tensor, Tensor, Tensor]:
     dtype = p.compute_dtype
     n, n_vocab = p.targets.shape[0], p.weight.shape[0]
     ce = torch.zeros(n, dtype=dtype, device=p.hidden.device)
-    m, s = torch.zeros_like(ce), torch.zeros_like(ce)
+    m, s, lse = torch.zeros_like(ce), torch.zeros_like(ce), torch.zeros_like(ce)
+    z_sum = torch.zeros_like(ce) if p.label_smoothing else None
     w, b = _head(p)
     valid = p.valid
     contiguous = bool(valid.all())
@@ -178,9 +184,12 @@ def _forward(p: LossProblem) -> tuple[Tensor, Tensor, Tensor]:
         lse_rows = torch.full((h.shape[0],), float("-inf"), dtype=torch.float64, device=h.device)
         m_rows = torch.full_like(lse_rows, float("-inf"), dtype=dtype)
         z_target = torch.zeros_like(m_rows)
+        z_sum_rows = torch.zeros_like(m_rows) if z_sum is not None else None
         for cols, hit, col in _col_blocks(t, n_vocab, width):
             z = _capped(p, _linear(h, w[cols], None if b is None else b[cols]))
             z_target[hit] = z[hit, col]
+            if z_sum_rows is not None:
+                z_sum_rows += z.sum(1)
             log_probs = torch.log_softmax(z, dim=1, out=scratch[: z.numel()].view_as(z))
             z_max = z.amax(1)  # -inf where a bias masks every column of the tile (log_softmax is NaN)
             tile_lse = torch.where(z_max == float("-inf"), z_max, z_max - log_probs.amax(1)).double()
@@ -191,7 +200,10 @@ def _forward(p: LossProblem) -> tuple[Tensor, Tensor, Tensor]:
         m[rows] = m_rows
         s[rows] = (lse_rows - m_rows).to(dtype)
         ce[rows] = (lse_rows - z_target).to(dtype)
-    return ce, m, s
+        lse[rows] = lse_rows.to(dtype)
+        if z_sum is not None:
+            z_sum[rows] = z_sum_rows
+    return ce, m, s, lse, z_sum
 
 
 class _Grads:
@@ -257,9 +269,12 @@ class _Grads:
         )
 
 
-def _backward(p: LossProblem, m: Tensor, s: Tensor, kept_idx: Tensor, g: Tensor, grads: _Grads) -> None:
-    """Gradients of ``sum_i g_i * ce_i`` over the kept rows ``kept_idx``: ``g`` aligned with them
-    (reduction "none"), or one value ``[1]`` common to all (reductions "mean", "sum").
+def _backward(
+    p: LossProblem, m: Tensor, s: Tensor, kept_idx: Tensor, g: Tensor, grads: _Grads, a: Tensor | None = None
+) -> None:
+    """Gradients of ``sum_i g_i * ce_i`` over the rows ``kept_idx``: ``g`` aligned with them, or one
+    value ``[1]`` common to all. With ``a`` (aligned with the rows, ``g`` then too), the gradients of
+    ``d z_i = a_i softmax - g_i ((1 - eps) onehot + eps / V)``: z-loss, smoothing, lse's gradient.
 
     Tiles are ``[cols, rows]``: ``W_c @ h^T`` takes ``-m_i`` (the row's largest logit, from the
     forward) as the bias of column ``i``; then ``exp((z - m) - s)`` in place gives the softmax.
@@ -268,8 +283,9 @@ def _backward(p: LossProblem, m: Tensor, s: Tensor, kept_idx: Tensor, g: Tensor,
     dtype = p.compute_dtype
     w, b = grads.w, grads.b
     n_kept = kept_idx.shape[0]
-    common = p.reduction != "none"
+    common = g.numel() == 1 and a is None
     scale = g if common else g.new_ones(1)
+    eps, n_vocab = p.label_smoothing, w.shape[0]
     # When one block holds every kept row, d hidden's storage can hold the gathered rows until
     # d hidden is written: one [rows, D] buffer fewer in the budget.
     step, width = backward_tile(p, n_kept, 2)
@@ -291,9 +307,16 @@ def _backward(p: LossProblem, m: Tensor, s: Tensor, kept_idx: Tensor, g: Tensor,
                     z_t.add_(b[cols, None])
                 z_t = _capped(p, z_t)
                 dz_t = torch.add(z_t, neg_m).sub_(s_rows).exp_()
-            dz_t[col, hit] -= 1.0
-            if not common:
-                dz_t.mul_(g[pos])
+            if a is None:
+                dz_t[col, hit] -= 1.0
+                if not common:
+                    dz_t.mul_(g[pos])
+            else:
+                g_rows = g[pos]
+                dz_t.mul_(a[pos])
+                dz_t[col, hit] -= (1 - eps) * g_rows[hit]
+                if eps:
+                    dz_t.sub_((eps / n_vocab) * g_rows)
             if z_t is not None and p.softcap is not None:  # d cap(u) / du = 1 - tanh^2, tanh = z / c
                 dz_t.mul_(z_t.div_(p.softcap).square_().neg_().add_(1.0))
             grads.add(dz_t, cols)
@@ -301,25 +324,47 @@ def _backward(p: LossProblem, m: Tensor, s: Tensor, kept_idx: Tensor, g: Tensor,
         grads.end_rows(rows)
 
 
+def _top_k(p: LossProblem):
+    """Top-k within each selection group of ``p`` (the flattened tokens), for `choose`."""
+
+    def top_k(score: Tensor, valid: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        kept, threshold, n_keep, n_valid = select_top(
+            score.view(p.group_shape), valid.view(p.group_shape), p.keep_ratio
+        )
+        return kept.reshape(-1), threshold, n_keep, n_valid
+
+    return top_k
+
+
 def loss_forward(p: LossProblem) -> tuple[Tensor, ...]:
-    """Steps 1 to 6: ``(loss, ce, excess, kept, threshold, n_kept, n_valid, aux)``, ``aux = [m; s]``."""
-    ce, m, s = _forward(p)
+    """Steps 1 to 6: ``(loss, ce, excess, kept, threshold, n_kept, n_valid, weight, weight_sum, lse, aux)``,
+    ``aux = [m; s]``."""
+    ce, m, s, lse, z_sum = _forward(p)
     valid = p.valid
-    excess = ce.clone() if p.ref_loss is None else torch.where(valid, ce - p.ref_loss, torch.zeros_like(ce))
-    kept, threshold, n_kept, n_valid = select(p, excess, valid)
-    loss = reduce_loss(p, torch.where(kept, ce, torch.zeros_like(ce)), n_kept)
-    return loss, ce, excess, kept, threshold, n_kept, n_valid, torch.stack([m, s])
+    ref = reference_loss(p)
+    excess = ce.clone() if ref is None else torch.where(valid, ce - ref, torch.zeros_like(ce))
+    kept, threshold, n_kept, n_valid, weight, weight_sum = choose(p, excess, valid, _top_k(p))
+    term = token_term(p, ce, lse, z_sum)
+    per_token = torch.where(kept, term * weight if p.weighted else term, torch.zeros_like(ce))
+    loss = reduce_loss(p, per_token, weight_sum)
+    return loss, ce, excess, kept, threshold, n_kept, n_valid, weight, weight_sum, lse, torch.stack([m, s])
 
 
 def loss_backward(
-    p: LossProblem, aux: Tensor, kept: Tensor, g: Tensor, needs: tuple[bool, bool, bool]
+    p: LossProblem, lse: Tensor, aux: Tensor, rows: Tensor, g: Tensor, g_lse: Tensor | None, needs: tuple[bool, ...]
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-    """Step 7: the gradients of ``sum_i g_i ce_i`` over the kept rows, from the forward's ``aux = [m; s]``."""
-    kept_idx = kept.nonzero().squeeze(1)
-    if p.reduction == "none":
-        g = g[kept_idx]
+    """Step 7 over the rows of ``rows``, from the forward's ``lse`` and ``aux = [m; s]``."""
+    idx = rows.nonzero().squeeze(1)
+    if g.numel() > 1:
+        g = g[idx]
+    a = None
+    if p.z_loss or p.label_smoothing or g_lse is not None:  # per-row coefficients of the softmax
+        g = g.expand(idx.shape[0])
+        a = g * (1 + 2 * p.z_loss * lse[idx]) if p.z_loss else g
+        if g_lse is not None:
+            a = a + g_lse[idx]
     grads = _Grads(p, *_head(p), needs)
-    _backward(p, aux[0], aux[1], kept_idx, g, grads)
+    _backward(p, aux[0], aux[1], idx, g, grads, a)
     return grads.result()
 
 
@@ -332,7 +377,7 @@ _OPS = define(
 )
 
 
-def selective_loss(p: LossProblem) -> tuple[Tensor, SelectionStats]:
+def selective_loss(p: LossProblem) -> tuple[Tensor, Tensor, SelectionStats]:
     """The contract's loss; autograd runs the kept-rows-only backward."""
     return _OPS.selective_loss(p)
 

@@ -2,12 +2,16 @@
 
 A fused backend (`chunked`, `triton`) supplies three plain functions over a `LossProblem`:
 
-    forward(p)  -> (loss, ce, excess, kept, threshold [G], n_kept [G], n_valid [G], aux)
-    backward(p, aux, kept, g, needs) -> (d hidden, d weight, d bias), None where not needed
+    forward(p)  -> (loss, ce, excess, kept, threshold [G], n_kept [G], n_valid [G], weight [N],
+                    weight_sum [G], lse [N], aux)
+    backward(p, lse, aux, rows, g, g_lse, needs) -> (d hidden, d weight, d bias), None where not needed
     token_losses(p) -> ce [N]
 
-``aux`` is what its backward needs from its forward (one tensor whose shape the backend names), and
-``g`` the upstream gradient of each token's term (`rho_fused.problem.upstream`). `define` registers them as the
+``aux`` is what its backward needs from its forward beyond ``lse`` (one tensor whose shape the
+backend names). The backward covers the rows of the mask ``rows`` (the kept ones, or every valid
+one when ``lse`` has a gradient): ``g`` is the gradient of each token's term ``term_i``, ``[1]``
+(common to all rows) or ``[N]`` (0 outside the kept rows), and ``g_lse`` the gradient of ``lse``
+(``[N]``) or None, so that ``d z_i = g_i d term_i / d z_i + g_lse_i softmax(z_i)``. `define` registers them as the
 operators ``rho_fused::<name>_loss``, ``<name>_loss_backward`` and ``<name>_token_losses``, with
 shape functions for tracing and the backward as their autograd formula. Inside an operator the
 code runs eagerly, whatever traces around it: torch.compile (``fullgraph=True`` included) sees one
@@ -27,7 +31,18 @@ from ..problem import LossProblem, SelectionStats, make_stats, upstream
 from ..validation import check_values
 
 Forward = Callable[[LossProblem], tuple[Tensor, ...]]
-Backward = Callable[[LossProblem, Tensor, Tensor, Tensor, tuple[bool, bool, bool]], tuple[Tensor | None, ...]]
+Backward = Callable[..., tuple[Tensor | None, ...]]
+
+# The scalar options of the loss operator, in its argument order after the tensors.
+SCALARS = (
+    "keep_ratio", "ignore_index", "reduction", "scope", "groups", "softcap", "ref_reduce", "selection",
+    "weighting", "threshold", "temperature", "z_loss", "label_smoothing",
+)  # fmt: skip
+# The tensors of the loss operator, first.
+TENSORS = ("hidden", "weight", "bias", "targets", "ref_loss", "token_weights", "uniform")
+OUTPUTS = (
+    "loss", "ce", "excess", "kept", "threshold", "n_kept", "n_valid", "weight", "weight_sum", "lse", "aux",
+)  # fmt: skip
 
 
 def _group_name(p: LossProblem) -> str | None:
@@ -35,39 +50,17 @@ def _group_name(p: LossProblem) -> str | None:
     return None if p.scope != "global" or p.group is None else p.group.group_name
 
 
-def _problem(
-    hidden: Tensor,
-    weight: Tensor,
-    bias: Tensor | None,
-    targets: Tensor,
-    ref_loss: Tensor | None,
-    keep_ratio: float,
-    ignore_index: int,
-    reduction: str,
-    scope: str,
-    groups: int,
-    softcap: float | None,
-    group_name: str | None,
-) -> LossProblem:
+def _problem(group_name: str | None, **fields) -> LossProblem:
     """The `LossProblem` an operator was called with (flat: ``shape`` is ``[N]``)."""
     group = None
     if group_name is not None:
         group = torch.distributed.distributed_c10d._resolve_process_group(group_name)
-    return LossProblem(
-        hidden=hidden,
-        weight=weight,
-        bias=bias,
-        targets=targets,
-        ref_loss=ref_loss,
-        shape=targets.shape,
-        scope=scope,
-        groups=groups,
-        keep_ratio=keep_ratio,
-        ignore_index=ignore_index,
-        reduction=reduction,
-        softcap=softcap,
-        group=group,
-    )
+    return LossProblem(shape=fields["targets"].shape, group=group, **fields)
+
+
+def _args(p: LossProblem) -> tuple:
+    """The loss operator's arguments for ``p``: `TENSORS`, `SCALARS`, then the group's name."""
+    return (*(getattr(p, k) for k in TENSORS), *(getattr(p, k) for k in SCALARS), _group_name(p))
 
 
 @dataclass(frozen=True)
@@ -77,23 +70,12 @@ class FusedBackend:
     loss_op: Callable
     token_losses_op: Callable
 
-    def selective_loss(self, p: LossProblem) -> tuple[Tensor, SelectionStats]:
-        loss, ce, excess, kept, threshold, n_kept, n_valid, _aux = self.loss_op(
-            p.hidden,
-            p.weight,
-            p.bias,
-            p.targets,
-            p.ref_loss,
-            p.keep_ratio,
-            p.ignore_index,
-            p.reduction,
-            p.scope,
-            p.groups,
-            p.softcap,
-            _group_name(p),
-        )
-        loss = loss.view(p.shape) if p.reduction == "none" else loss
-        return loss, make_stats(p, ce, excess, kept, threshold, n_kept, n_valid)
+    def selective_loss(self, p: LossProblem) -> tuple[Tensor, Tensor, SelectionStats]:
+        out = dict(zip(OUTPUTS, self.loss_op(*_args(p)), strict=True))
+        loss = out["loss"].view(p.shape) if p.reduction == "none" else out["loss"]
+        names = ("ce", "excess", "kept", "threshold", "n_kept", "n_valid", "lse", "weight", "weight_sum")
+        stats = make_stats(p, *(out[k] for k in names))
+        return loss, out["lse"].view(p.shape), stats
 
     def token_losses(self, p: LossProblem) -> Tensor:
         return self.token_losses_op(p.hidden, p.weight, p.bias, p.targets, p.ignore_index, p.softcap)
@@ -110,76 +92,100 @@ def define(name: str, forward: Forward, backward: Backward, token_losses: Callab
         bias: Tensor | None,
         targets: Tensor,
         ref_loss: Tensor | None,
+        token_weights: Tensor | None,
+        uniform: Tensor | None,
         keep_ratio: float,
         ignore_index: int,
         reduction: str,
         scope: str,
         groups: int,
         softcap: float | None,
+        ref_reduce: str,
+        selection: str,
+        weighting: str,
+        threshold: float,
+        temperature: float,
+        z_loss: float,
+        label_smoothing: float,
         group_name: str | None,
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-        p = _problem(
-            hidden,
-            weight,
-            bias,
-            targets,
-            ref_loss,
-            keep_ratio,
-            ignore_index,
-            reduction,
-            scope,
-            groups,
-            softcap,
-            group_name,
-        )
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+        args = locals()
+        p = _problem(group_name, **{k: args[k] for k in TENSORS + SCALARS})
         check_values(p)
         with torch.autocast(hidden.device.type, enabled=False):
             return tuple(forward(p))
 
     @loss_op.register_fake
-    def _(hidden, weight, bias, targets, ref_loss, keep_ratio, ignore_index, reduction, scope, groups, softcap, _g):
+    def _(hidden, weight, bias, targets, ref_loss, token_weights, uniform, keep_ratio, ignore_index, reduction,
+          scope, groups, *_rest):  # fmt: skip
         n, compute = targets.shape[0], torch.promote_types(hidden.dtype, torch.float32)
         return (
-            hidden.new_empty(n if reduction == "none" else (), dtype=compute),
-            hidden.new_empty(n, dtype=compute),
-            hidden.new_empty(n, dtype=compute),
-            hidden.new_empty(n, dtype=torch.bool),
-            hidden.new_empty(groups, dtype=compute),
-            hidden.new_empty(groups, dtype=torch.int64),
-            hidden.new_empty(groups, dtype=torch.int64),
+            hidden.new_empty(n if reduction == "none" else (), dtype=compute),  # loss
+            hidden.new_empty(n, dtype=compute),  # ce
+            hidden.new_empty(n, dtype=compute),  # excess
+            hidden.new_empty(n, dtype=torch.bool),  # kept
+            hidden.new_empty(groups, dtype=compute),  # threshold
+            hidden.new_empty(groups, dtype=torch.int64),  # n_kept
+            hidden.new_empty(groups, dtype=torch.int64),  # n_valid
+            hidden.new_empty(n, dtype=compute),  # weight
+            hidden.new_empty(groups, dtype=compute),  # weight_sum
+            hidden.new_empty(n, dtype=compute),  # lse
             aux_like(hidden),
         )
 
     @torch.library.custom_op(f"{qual}_loss_backward", mutates_args=())
     def backward_op(
-        grad_loss: Tensor,
+        grad_loss: Tensor | None,
+        grad_lse: Tensor | None,
         hidden: Tensor,
         weight: Tensor,
         bias: Tensor | None,
         targets: Tensor,
+        lse: Tensor,
         aux: Tensor,
         kept: Tensor,
-        n_kept: Tensor,
+        token_weight: Tensor,
+        weight_sum: Tensor,
+        weighted: bool,
         keep_ratio: float,
         ignore_index: int,
         reduction: str,
         scope: str,
         groups: int,
         softcap: float | None,
+        ref_reduce: str,
+        selection: str,
+        weighting: str,
+        threshold: float,
+        temperature: float,
+        z_loss: float,
+        label_smoothing: float,
         needs: list[bool],
     ) -> tuple[Tensor, Tensor, Tensor]:
-        p = _problem(
-            hidden, weight, bias, targets, None, keep_ratio, ignore_index, reduction, scope, groups, softcap, None
-        )
-        g = upstream(p, grad_loss, n_kept, p.compute_dtype)
+        args = locals()
+        tensors = dict(hidden=hidden, weight=weight, bias=bias, targets=targets, ref_loss=None)
+        p = _problem(None, **tensors, token_weights=None, uniform=None, **{k: args[k] for k in SCALARS})
+        dtype = p.compute_dtype
+        if grad_loss is None:
+            g = hidden.new_zeros(1, dtype=dtype)
+        else:
+            g = upstream(p, grad_loss, weight_sum, dtype)
+            if weighted:  # d loss / d term_i = upstream * W_i (W_i = 0 outside the kept rows)
+                g = g * token_weight
+        rows = kept
+        g_lse = None
+        if grad_lse is not None:  # every valid row's lse has a gradient: those rows too
+            rows = p.valid
+            g = torch.where(kept, g, torch.zeros_like(g)).expand(kept.shape[0]).contiguous()
+            g_lse = torch.where(rows, grad_lse.reshape(-1).to(dtype), 0)
         with torch.autocast(hidden.device.type, enabled=False):
-            grads = backward(p, aux, kept, g, (needs[0], needs[1], needs[2] and bias is not None))
+            grads = backward(p, lse, aux, rows, g, g_lse, (needs[0], needs[1], needs[2] and bias is not None))
         # an operator returns tensors: an empty one stands for "not asked for"
         return tuple(hidden.new_empty(0) if x is None else x for x in grads)
 
     @backward_op.register_fake
-    def _(grad_loss, hidden, weight, bias, targets, aux, kept, n_kept, *scalars_and_needs):
-        needs = scalars_and_needs[-1]
+    def _(grad_loss, grad_lse, hidden, weight, bias, *rest):
+        needs = rest[-1]
         return (
             torch.empty_like(hidden) if needs[0] else hidden.new_empty(0),
             torch.empty_like(weight) if needs[1] else hidden.new_empty(0),
@@ -187,18 +193,28 @@ def define(name: str, forward: Forward, backward: Backward, token_losses: Callab
         )
 
     def setup_context(ctx, inputs, output) -> None:
-        hidden, weight, bias, targets, _ref, *scalars, _group = inputs
-        ctx.scalars = tuple(scalars)  # keep_ratio, ignore_index, reduction, scope, groups, softcap
-        _loss, _ce, _excess, kept, _threshold, n_kept, _n_valid, aux = output
-        ctx.save_for_backward(hidden, weight, bias, targets, aux, kept, n_kept)
+        args = dict(zip(TENSORS + SCALARS, inputs, strict=False))
+        weighted = args["weighting"] == "soft" or args["token_weights"] is not None
+        ctx.scalars = (weighted, *(args[k] for k in SCALARS))
+        out = dict(zip(OUTPUTS, output, strict=True))
+        ctx.set_materialize_grads(False)  # an output without a gradient (lse, mostly) comes as None
+        ctx.save_for_backward(
+            args["hidden"], args["weight"], args["bias"], args["targets"],
+            out["lse"], out["aux"], out["kept"], out["weight"], out["weight_sum"],
+        )  # fmt: skip
 
-    def loss_backward(ctx, grad_loss, *_unused):
-        hidden, weight, bias, targets, aux, kept, n_kept = ctx.saved_tensors
+    def loss_backward(ctx, *grads):
+        grad = dict(zip(OUTPUTS, grads, strict=True))
+        hidden, weight, bias, targets, lse, aux, kept, token_weight, weight_sum = ctx.saved_tensors
         needs = list(ctx.needs_input_grad[:3])
-        if grad_loss is None or not any(needs):
-            return (None,) * 12
-        dh, dw, db = backward_op(grad_loss, hidden, weight, bias, targets, aux, kept, n_kept, *ctx.scalars, needs)
-        return (dh if needs[0] else None, dw if needs[1] else None, db if needs[2] else None) + (None,) * 9
+        none = (None,) * (len(TENSORS) + len(SCALARS) + 1)
+        if (grad["loss"] is None and grad["lse"] is None) or not any(needs):
+            return none
+        dh, dw, db = backward_op(
+            grad["loss"], grad["lse"], hidden, weight, bias, targets, lse, aux, kept, token_weight, weight_sum,
+            *ctx.scalars, needs,
+        )  # fmt: skip
+        return (dh if needs[0] else None, dw if needs[1] else None, db if needs[2] else None) + none[3:]
 
     loss_op.register_autograd(loss_backward, setup_context=setup_context)
 
@@ -215,7 +231,10 @@ def define(name: str, forward: Forward, backward: Backward, token_losses: Callab
     def token_losses_op(
         hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, ignore_index: int, softcap: float | None
     ) -> Tensor:
-        p = _problem(hidden, weight, bias, targets, None, 1.0, ignore_index, "none", "batch", 1, softcap, None)
+        p = LossProblem(
+            hidden=hidden, weight=weight, bias=bias, targets=targets, ref_loss=None, shape=targets.shape,
+            scope="batch", groups=1, keep_ratio=1.0, ignore_index=ignore_index, reduction="none", softcap=softcap,
+        )  # fmt: skip
         check_values(p)
         with torch.no_grad(), torch.autocast(hidden.device.type, enabled=False):
             return token_losses(p)

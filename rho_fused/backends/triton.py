@@ -7,8 +7,12 @@ matmul + online logsumexp over vocabulary slices (`logsumexp_partials`), the epi
 only, a kernel recomputes each logits tile once and writes ``dz`` for a chunk of the vocabulary,
 and cuBLAS matmuls turn it into d hidden, d weight and d bias (deterministic: no atomics).
 
-Every size the launches depend on is a shape; counts (valid rows, ``n_keep``, kept rows) stay on
-the device, so forward and backward run under CUDA graphs. ``scope="global"`` selects with
+The contract's variants run in the kernels or as torch ops on the device around them: the forward
+sums the logits for label smoothing, the select kernel ranks the sampling keys, the threshold and
+soft rules and the weights are elementwise ops (`rho_fused.selection.choose`), and the ``dz`` kernel
+takes the weights (in ``g``), z-loss and a gradient of ``lse`` (in a per-row softmax coefficient)
+and label smoothing. Every size the launches depend on is a shape; counts (valid rows, ``n_keep``,
+kept rows) stay on the device, so forward and backward run under CUDA graphs. ``scope="global"`` selects with
 `rho_fused.global_select` (torch ops and one all_reduce per radix digit) instead of the select
 kernel. Forward and backward are custom operators (`rho_fused.backends.ops`). On CPU the kernels
 run under ``TRITON_INTERPRET=1`` (how the tests prove them). fp64 inputs go to the chunked
@@ -34,8 +38,16 @@ from rho_fused.kernels.forward import logsumexp_partials
 from rho_fused.kernels.merge import merge_partials
 from rho_fused.kernels.select import radix_top_k
 
-from ..global_select import global_select
-from ..problem import LossProblem, SelectionStats, keep_count_int, keep_fraction, reduce_loss
+from ..problem import (
+    LossProblem,
+    SelectionStats,
+    keep_count_int,
+    keep_fraction,
+    reduce_loss,
+    reference_loss,
+    token_term,
+)
+from ..selection import choose
 from . import chunked
 from .ops import define
 
@@ -60,46 +72,57 @@ def _on_device(t: Tensor) -> contextlib.AbstractContextManager:
 def kept_capacity(p: LossProblem) -> int:
     """The largest kept count of this call the selection can produce, known on the host: per group
     of ``M`` rows ``max(1, ceil(keep_ratio * M))`` (the count when every row is valid), summed; ``N``
-    for ``scope="global"``, where a rank may keep every row it holds."""
+    for ``scope="global"``, where a rank may keep every row it holds, and for the threshold and
+    soft rules, which may keep every valid row."""
     n = p.targets.numel()
-    if p.scope == "global" or p.groups == 0:
+    if p.scope == "global" or p.groups == 0 or not p.counts_like_top_k:
         return n
     m = n // p.groups
     return min(n, p.groups * keep_count_int(m, p.keep_ratio))
 
 
-def _forward(p: LossProblem) -> tuple[Tensor, Tensor, Tensor]:
-    """``(ce, lse, excess)``, fp32 ``[N]``, 0 at ignored rows."""
+def _forward(p: LossProblem) -> tuple[Tensor, ...]:
+    """``(ce, lse, excess, z_sum)``, fp32 ``[N]``, 0 at ignored rows; ``z_sum = sum_v z_v`` only
+    under label smoothing (else None)."""
     rows, count = compact_mask(p.valid)
-    part_m, part_s, part_t = logsumexp_partials(p.hidden, p.weight, p.bias, p.targets, rows, count, p.softcap)
-    lse, ce, excess = merge_partials(part_m, part_s, part_t, p.targets, p.ref_loss, p.ignore_index)
-    return ce, lse, excess
+    smooth = p.label_smoothing != 0
+    part = logsumexp_partials(p.hidden, p.weight, p.bias, p.targets, rows, count, p.softcap, z_sum=smooth)
+    ref = reference_loss(p)  # K references combined on the device (torch ops)
+    merged = merge_partials(*part[:3], p.targets, ref, p.ignore_index, part_z=part[3] if smooth else None)
+    lse, ce, excess = merged[:3]
+    return ce, lse, excess, merged[3] if smooth else None
 
 
 def loss_forward(p: LossProblem) -> tuple[Tensor, ...]:
-    """Steps 1 to 6: ``(loss, ce, excess, kept, threshold, n_kept, n_valid, aux)``, ``aux = lse``."""
+    """Steps 1 to 6: ``(loss, ce, excess, kept, threshold, n_kept, n_valid, weight, weight_sum, lse, aux)``;
+    ``aux`` is empty (the backward needs ``lse`` alone)."""
     _check_device(p)
     with _on_device(p.hidden):
-        ce, lse, excess = _forward(p)
-        if p.scope == "global":
-            # Across ranks: the radix select of rho_fused.global_select, its histograms summed by
-            # all_reduce between passes (torch ops on the device, no host read-back).
-            kept, threshold, n_kept, n_valid = global_select(excess, p.valid, p.keep_ratio, p.group)
-        else:
-            kept, threshold, n_kept, n_valid = radix_top_k(
-                excess, p.targets, p.groups, p.ignore_index, keep_fraction(p.keep_ratio)
-            )
-        n_kept, n_valid = n_kept.long(), n_valid.long()
-        loss = reduce_loss(p, torch.where(kept, ce, torch.zeros_like(ce)), n_kept)
-    return loss, ce, excess, kept, threshold, n_kept, n_valid, lse
+        ce, lse, excess, z_sum = _forward(p)
+
+        def top_k(score: Tensor, valid: Tensor) -> tuple[Tensor, ...]:
+            # the radix select kernel; scope="global" goes to rho_fused.global_select in `choose`
+            return radix_top_k(score, p.targets, p.groups, p.ignore_index, keep_fraction(p.keep_ratio))
+
+        kept, threshold, n_kept, n_valid, weight, weight_sum = choose(p, excess, p.valid, top_k)
+        term = token_term(p, ce, lse, z_sum)
+        per_token = torch.where(kept, term * weight if p.weighted else term, torch.zeros_like(ce))
+        loss = reduce_loss(p, per_token, weight_sum)
+    return loss, ce, excess, kept, threshold, n_kept, n_valid, weight, weight_sum, lse, lse.new_empty(0)
 
 
 def loss_backward(
-    p: LossProblem, lse: Tensor, kept: Tensor, g: Tensor, needs: tuple[bool, bool, bool]
+    p: LossProblem, lse: Tensor, _aux: Tensor, rows: Tensor, g: Tensor, g_lse: Tensor | None, needs: tuple[bool, ...]
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-    """Step 7 over the kept rows, compacted again here (one small kernel) rather than saved."""
+    """Step 7 over the rows of the mask ``rows``, compacted again here (one small kernel) rather than saved.
+    z-loss and ``lse``'s gradient go in as the per-row softmax coefficient ``a = g (1 + 2 c lse) + g_lse``."""
+    coef = None
+    if p.z_loss or g_lse is not None:
+        coef = (g * (1 + 2 * p.z_loss * lse) if p.z_loss else g).float().expand(lse.shape[0])
+        coef = (coef if g_lse is None else coef + g_lse).contiguous()
+    g = g.float().contiguous()
     with _on_device(p.hidden):
-        kept_rows, kept_count = compact_mask(kept)
+        kept_rows, kept_count = compact_mask(rows)
         return kept_rows_backward(
             p.hidden,
             p.weight,
@@ -111,7 +134,9 @@ def loss_backward(
             kept_count,
             p.softcap,
             needs,
-            capacity=kept_capacity(p),
+            capacity=kept_capacity(p) if g_lse is None else p.targets.numel(),
+            softmax_coef=coef,
+            label_smoothing=p.label_smoothing,
         )
 
 
@@ -126,11 +151,11 @@ _OPS = define(
     loss_forward,
     loss_backward,
     _token_losses,
-    lambda hidden: hidden.new_empty(hidden.shape[0], dtype=torch.float32),  # lse, fp32 whatever the input
+    lambda hidden: hidden.new_empty(0, dtype=torch.float32),  # nothing beyond lse
 )
 
 
-def selective_loss(p: LossProblem) -> tuple[Tensor, SelectionStats]:
+def selective_loss(p: LossProblem) -> tuple[Tensor, Tensor, SelectionStats]:
     """The contract's loss; autograd runs the kept-rows-only backward kernel. fp64 goes to `chunked`."""
     if p.hidden.dtype not in KERNEL_DTYPES:
         return chunked.selective_loss(p)
