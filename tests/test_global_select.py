@@ -33,7 +33,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world: int, port: int, sizes: list[int], backend: str, reduction: str, ties: bool) -> None:
+def _worker(
+    rank: int, world: int, port: int, sizes: list[int], backend: str, reduction: str, ties: bool, variants: bool
+) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
@@ -80,6 +82,8 @@ def _worker(rank: int, world: int, port: int, sizes: list[int], backend: str, re
             summed = mine.clone()
             dist.all_reduce(summed)  # shared weights: the global gradient is the sum over ranks
             torch.testing.assert_close(summed, theirs)
+        if variants:  # the contract's variants in this scope too, in the same processes (a spawn is slow)
+            check_variants(rank, sizes, backend)
         # leave together: a rank tearing its gloo group down while a peer is still in it can
         # abort the peer ("terminate called without an active exception", seen once in CI)
         dist.barrier()
@@ -92,40 +96,24 @@ def _worker(rank: int, world: int, port: int, sizes: list[int], backend: str, re
 
 
 @pytest.mark.parametrize(
-    "sizes,backend,reduction,ties",
+    "sizes,backend,reduction,ties,variants",
     [
-        ([23, 17], "chunked", "mean", False),
-        ([11, 20, 9], "chunked", "none", False),
-        ([11, 20, 9], "chunked", "mean", True),
-        ([11, 20, 9], "reference", "sum", True),
+        ([23, 17], "chunked", "mean", False, False),
+        ([11, 20, 9], "chunked", "none", False, True),
+        ([11, 20, 9], "chunked", "mean", True, False),
+        ([11, 20, 9], "reference", "sum", True, False),
     ],
 )
-def test_global_scope_matches_concatenated_batch(sizes, backend, reduction, ties):
+def test_global_scope_matches_concatenated_batch(sizes, backend, reduction, ties, variants):
+    """``variants``: also threshold, sampled and soft selection, token weights, several references,
+    z-loss, label smoothing and lse (tests/global_variants.py), against the reference's global scope."""
     # A rank that raises makes start_processes raise here, with that rank's traceback.
     mp.start_processes(
         _worker,
-        args=(len(sizes), _free_port(), sizes, backend, reduction, ties),
+        args=(len(sizes), _free_port(), sizes, backend, reduction, ties, variants),
         nprocs=len(sizes),
         start_method="spawn",
     )
-
-
-def _variant_worker(rank: int, sizes: list[int], port: int) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=len(sizes))
-    try:
-        check_variants(rank, sizes, "chunked")
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
-    os._exit(0)  # as in _worker: no interpreter finalisation with gloo's threads alive
-
-
-def test_global_scope_variants():
-    """Threshold, sampled and soft selection, token weights, several references, z-loss, label
-    smoothing and lse with scope="global" (tests/global_variants.py), chunked on 3 ranks."""
-    sizes = [11, 20, 9]
-    mp.start_processes(_variant_worker, args=(sizes, _free_port()), nprocs=len(sizes), start_method="spawn")
 
 
 def test_every_nan_ranks_above_inf():
