@@ -6,7 +6,9 @@
 Forward+backward of `fused_selective_loss` for plain top-k (keep 0.6) and for each variant, the
 variants alternating within each repetition after a warm-up of each; medians of ``--reps``. Prints
 one markdown row per variant: its median, and its extra time over plain top-k in the same run
-(``variant / topk - 1``). Threshold and soft rules may keep more rows than 60%, so their backward
+(``variant / topk - 1``). ``--clock cpu`` times the process's CPU seconds (all threads) instead of
+wall seconds: on a machine shared with other jobs, wall time measures their load as much as ours.
+Threshold and soft rules may keep more rows than 60%, so their backward
 does more matmul work: the row says how many tokens they kept. With ``--csv PATH`` the rows are
 appended to a CSV as well.
 """
@@ -18,6 +20,7 @@ import csv
 import os
 import platform
 import statistics
+import time
 
 import torch
 from measure import timed
@@ -80,7 +83,11 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"))
     parser.add_argument("--csv", help="append the rows to this CSV file")
+    parser.add_argument("--threads", type=int, help="torch's threads (default: torch's own)")
+    parser.add_argument("--clock", default="wall", choices=("wall", "cpu"), help="wall seconds or process CPU seconds")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     x = Inputs.make(args.tokens, args.dim, args.vocab, 0.6, device=args.device, dtype=dtype)
 
@@ -88,14 +95,20 @@ def main() -> None:
     times: dict[str, list[float]] = {name: [] for name in VARIANTS}
     for _ in range(args.reps):
         for name in VARIANTS:
-            times[name].append(timed(lambda n=name: step(n, x, args.backend, args.device), args.device))
+            call = lambda n=name: step(n, x, args.backend, args.device)  # noqa: E731
+            if args.clock == "cpu":
+                start = time.process_time()
+                call()
+                times[name].append(time.process_time() - start)
+            else:
+                times[name].append(timed(call, args.device))
     base = statistics.median(times["topk"])
     print(
         f"N={args.tokens} D={args.dim} V={args.vocab} {args.dtype} backend={args.backend} device={args.device}, "
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, "
-        f"load average {os.getloadavg()[0]:.1f}, medians of {args.reps}"
+        f"load average {os.getloadavg()[0]:.1f}, medians of {args.reps}, {args.clock} clock"
     )
-    print("| variant | kept tokens | fwd+bwd median (s) | extra over top-k |")
+    print(f"| variant | kept tokens | fwd+bwd median ({args.clock} s) | extra over top-k |")
     print("| --- | ---: | ---: | ---: |")
     rows = []
     for name in VARIANTS:
@@ -108,11 +121,37 @@ def main() -> None:
             w = csv.writer(f)
             if new:
                 w.writerow(
-                    ["backend", "device", "dtype", "tokens", "dim", "vocab", "variant", "kept", "seconds", "extra"]
+                    [
+                        "backend",
+                        "device",
+                        "dtype",
+                        "threads",
+                        "clock",
+                        "tokens",
+                        "dim",
+                        "vocab",
+                        "variant",
+                        "kept",
+                        "seconds",
+                        "extra",
+                    ]
                 )
             for name, k, t, extra in rows:
                 w.writerow(
-                    [args.backend, args.device, args.dtype, args.tokens, args.dim, args.vocab, name, k, t, extra]
+                    [
+                        args.backend,
+                        args.device,
+                        args.dtype,
+                        torch.get_num_threads(),
+                        args.clock,
+                        args.tokens,
+                        args.dim,
+                        args.vocab,
+                        name,
+                        k,
+                        t,
+                        extra,
+                    ]
                 )
 
 
