@@ -301,8 +301,9 @@ def check_values(p: LossProblem) -> None:
     vocab = p.weight.shape[0]
     bad_target = valid & ((p.targets < 0) | (p.targets >= vocab))
     bad_ref = torch.zeros_like(valid)
-    if p.ref_loss is not None:  # [N] or [K, N]: every reference finite at valid tokens
-        bad_ref = valid & ~torch.isfinite(p.ref_loss).reshape(-1, valid.shape[0]).all(0)
+    refs = None if p.ref_loss is None else p.ref_loss if p.ref_loss.dim() == 2 else p.ref_loss[None]  # [K, N]
+    if refs is not None:  # every reference finite at valid tokens
+        bad_ref = valid & ~torch.isfinite(refs).all(0)
     bad_weight = torch.zeros_like(valid)
     if p.token_weights is not None:
         bad_weight = valid & ~(torch.isfinite(p.token_weights) & (p.token_weights >= 0))
@@ -316,7 +317,7 @@ def check_values(p: LossProblem) -> None:
         )
     if any_bad_ref:
         i = int(bad_ref.nonzero()[0, 0])
-        values = p.ref_loss.reshape(-1, valid.shape[0])[:, i].tolist()
+        values = refs[:, i].tolist()
         value = values[0] if len(values) == 1 else values
         raise ValueError(f"ref_loss must be finite where targets are valid; got {value} at flattened position {i}")
     if any_bad_weight:

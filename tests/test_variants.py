@@ -302,3 +302,25 @@ def test_mixed_variants_triton(selection, reduction, z_loss, label_smoothing, re
          "soft": dict(weighting="soft")}[selection]
     )  # fmt: skip
     assert_parity(case, "triton", torch.float32, **options)
+
+
+@pytest.mark.usefixtures("small_blocks")
+@pytest.mark.parametrize("backend", ["reference", "chunked", "triton"])
+@pytest.mark.parametrize("name", ["threshold", "sample", "mixed_soft", "mixed"])
+def test_variants_on_empty_inputs(backend, name):
+    """No token at all (N = 0, and zero sequences with scope='sequence'): loss 0, empty lse, zero gradients."""
+    device = KERNEL_DEVICE if backend == "triton" else "cpu"
+    options = dict(VARIANTS[name], return_lse=True, return_stats=True)
+    options.pop("generator", None)
+    for shape, scope in (((0,), "batch"), ((0, 5), "sequence")):
+        hidden = torch.randn(*shape, 8, device=device, requires_grad=True)
+        weight = torch.randn(11, 8, device=device, requires_grad=True)
+        targets = torch.zeros(shape, dtype=torch.long, device=device)
+        refs = torch.zeros(2, *shape, device=device)
+        loss, lse, stats = rho_fused.fused_selective_loss(
+            hidden, weight, targets, refs, backend=backend, scope=scope, token_weights=torch.ones(shape, device=device),
+            **{k: v for k, v in options.items() if k not in ("scope", "reduction")},
+        )  # fmt: skip
+        assert loss.item() == 0.0 and lse.shape == shape and stats.kept.shape == shape
+        dh, dw = torch.autograd.grad(loss + lse.sum(), [hidden, weight])
+        assert dh.shape == hidden.shape and not dw.any()
