@@ -6,7 +6,7 @@ the kernels, then the training pipeline built on the public API:
     loss           the public loss functions; `fused_selective_loss` holds the contract
     validation     the checks of every entry point's arguments, into a `LossProblem`; SCOPES, REDUCTIONS
     problem        `LossProblem` (one validated call), `SelectionStats`, reduction and keep-count arithmetic
-    selection      exact top-k by excess within the whole call or each sequence (the PyTorch backends)
+    selection      step 5 for the fused backends: top-k by excess, threshold, sampling, soft weights (`choose`)
     global_select  exact top-k over every rank of a process group (scope="global"), by radix histograms
     backends/      `resolve` a backend by name (BACKENDS); each computes the contract:
       reference    the oracle: the contract transcribed, full fp32 logits, autograd
