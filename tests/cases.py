@@ -130,9 +130,13 @@ def run(
     return (outputs[0] if len(outputs) == 1 else outputs), grads, stats
 
 
-def naive_pytorch(case: Case, stats: rho_fused.SelectionStats, **options) -> tuple[list[Tensor], list[Tensor | None]]:
+def naive_pytorch(
+    case: Case, kept: Tensor | rho_fused.SelectionStats, **options
+) -> tuple[Tensor | list[Tensor], list[Tensor | None]]:
     """SLM as users write it, entirely in the case's dtype: full logits, torch's cross-entropy (with
-    its label smoothing), z-loss on torch's logsumexp, the given kept tokens' weights."""
+    its label smoothing), z-loss on torch's logsumexp, the given kept tokens (a mask, or the stats of
+    a run: its kept mask and weights). Returns the loss (``[loss, lse]`` with ``return_lse``) and
+    the gradients, as `run` does."""
     z = case.hidden @ case.weight.T
     if case.bias is not None:
         z = z + case.bias
@@ -146,8 +150,10 @@ def naive_pytorch(case: Case, stats: rho_fused.SelectionStats, **options) -> tup
     lse = torch.logsumexp(z, dim=-1)
     if options.get("z_loss"):
         ce = ce + options["z_loss"] * lse.square()
-    weight = stats.weight.to(device=ce.device, dtype=ce.dtype)
-    per_token = torch.where(stats.kept.to(ce.device), ce * weight, 0.0)
+    mask = kept if isinstance(kept, Tensor) else kept.kept
+    weight = mask if isinstance(kept, Tensor) else kept.weight
+    weight = weight.to(device=ce.device, dtype=ce.dtype)
+    per_token = torch.where(mask.to(ce.device), ce * weight, 0.0)
     reduction = options.get("reduction", "mean")
     if reduction == "none":
         loss = per_token
@@ -158,7 +164,8 @@ def naive_pytorch(case: Case, stats: rho_fused.SelectionStats, **options) -> tup
     outputs = [loss]
     if options.get("return_lse"):
         outputs.append(torch.where(case.targets == IGNORE, 0.0, lse))
-    return [o.detach() for o in outputs], _grads(case, outputs, reduction)
+    grads = _grads(case, outputs, reduction)
+    return (outputs[0].detach() if len(outputs) == 1 else [o.detach() for o in outputs]), grads
 
 
 def _grads(case: Case, outputs: list[Tensor], reduction: str) -> list[Tensor | None]:
@@ -189,7 +196,7 @@ def assert_parity(case: Case, backend: str, dtype: torch.dtype, **options) -> rh
     truth_out, truth_grads, truth_stats = _listed(run(low.to(torch.float64), "reference", **options))
     out, grads, stats = _listed(run(low, backend, **options))
     ref_out, ref_grads, ref_stats = _listed(run(low, "reference", **options))
-    torch_out, torch_grads = naive_pytorch(low, truth_stats, **options)
+    torch_out, torch_grads, _ = _listed((*naive_pytorch(low, truth_stats, **options), None))
 
     assert torch.equal(stats.kept, truth_stats.kept), "kept set differs from the fp64 truth's"
     assert torch.equal(stats.kept, ref_stats.kept)
