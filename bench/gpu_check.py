@@ -24,6 +24,8 @@ Sections, most important first (a check is named ``<section>/<what>``):
 7. ``compile``, ``autocast``: a torch.compile'd step against eager; autocast bf16 against bf16 inputs.
 8. ``sweep``: forward and backward kernel tile configurations timed at one shape (reported, not applied).
 9. ``score``: scoring throughput (`score_throughput.py`) against the Hugging Face logits path.
+10. ``variant``: the contract's variants (``tests/test_variants.py``'s cases) in bf16, fp16 and fp32,
+    with the test suite's parity rule; run right after section 3.
 
 Output: ``DIR/gpu_check.jsonl``, one JSON object per check (``name``, ``section``, ``status`` in
 pass | warn | skip | fail | error, ``seconds``, ``figures``, and ``reason`` or ``error``), flushed as
@@ -1065,6 +1067,45 @@ def section_parity(ctx: Context) -> Section:
 
 
 # --------------------------------------------------------------------------------------------------
+# 10. The contract's variants (threshold, sample, soft, token weights, several references, z-loss,
+# label smoothing, lse), run after section 3
+
+VARIANT_DTYPES = ("bf16", "fp16", "fp32")
+SMOKE_VARIANTS = ("mixed", "mixed_soft", "return_lse")  # each of the others is in one of these
+
+
+def check_variant(name: str, dtype: torch.dtype) -> Callable[[Context], Outcome]:
+    """Variant ``name`` of ``tests/test_variants.py`` on the triton backend against the fp64 truth, with
+    the test suite's rule (`cases.assert_parity`): the kept set and weights, loss, ``lse`` and every
+    gradient no further from the truth than PyTorch in ``dtype`` plus a small tolerance, else a fail."""
+
+    def run(ctx: Context) -> Outcome:
+        import cases
+        import test_variants
+
+        shape, dim, vocab = ((5, 13), 24, 97) if ctx.smoke else ((4, 253), 256, 4099)
+        case, options = test_variants.variant_case(name, shape=shape, dim=dim, vocab=vocab, seed=17)
+        try:
+            stats = cases.assert_parity(case, "triton", dtype, **options)
+        except AssertionError as exc:
+            return Outcome("fail", {}, str(exc).splitlines()[0][:300])
+        return Outcome("pass", {"kept": int(stats.n_kept.sum()), "valid": int(stats.n_valid.sum())})
+
+    return run
+
+
+def section_variants(ctx: Context) -> Section:
+    names = SMOKE_VARIANTS if ctx.smoke else tuple(__import__("test_variants").VARIANTS)
+    dtypes = ("fp32",) if ctx.smoke else VARIANT_DTYPES
+    checks = [
+        Check(f"variant/{name}/{d}", check_variant(name, DTYPES[d]), ctx.estimate(1.5))
+        for name in names
+        for d in dtypes
+    ]
+    return Section(10, "The contract's variants against the fp64 truth", checks)
+
+
+# --------------------------------------------------------------------------------------------------
 # 4. No host synchronisation, CUDA graphs, determinism
 
 
@@ -1792,6 +1833,7 @@ SECTION_BUILDERS: tuple[Callable[[Context], Section], ...] = (
     section_env,
     section_index_kernels,
     section_parity,
+    section_variants,
     section_sync,
     section_timing,
     section_offsets,

@@ -26,6 +26,7 @@ SECTIONS = {
     7: ("compile/", "autocast/"),
     8: ("sweep/",),
     9: ("score/",),
+    10: ("variant/",),
 }
 
 
