@@ -28,6 +28,11 @@ the kernels, then the training pipeline built on the public API:
     shards         the scored corpus on disk: Arrow shards, resume state, manifest; read memory-mapped
     data           corpora in and batches out: reading, tokenizing, packing, padding
     atomic         atomic writes: an output appears complete under its name, or not at all
+    outputs        output directories: the marker --overwrite needs, the lock, `claim_output` for a command
+    data_checks    rows checked before the first step (ids, ref_loss lengths, finite values), the data fingerprint
+    ranges         allowed ranges of numeric settings (`TrainConfig.check` and the CLI's option parsers)
+    stop_signals   SIGINT/SIGTERM as a request to stop at the next step boundary
+    errors         error classes and `explain`: the one line and exit status of a failed command
     champ          the demo's corpus, from the champ-dataset package
     demo           `rho-fused demo`: the whole pipeline on CPU, CLM against SLM
     cli            the `rho-fused` command: score, train, report, demo (also `python -m rho_fused`)

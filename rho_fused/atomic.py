@@ -7,6 +7,10 @@ between them leaves the complete previous output as a ``.NAME.old-PID`` sibling,
 (called by every reader here and by the next `atomic_dir`) puts back. An interrupted run thus
 leaves the previous output intact, and at worst a ``.NAME.tmp-PID-*`` sibling, removed by the next
 successful write once process PID is gone.
+
+Files and directories written here get the modes the process's umask gives, as ``open`` and
+``mkdir`` would: `tempfile` creates its files 0600 and directories 0700 whatever the umask, so
+they are widened to ``0666 & ~umask`` / ``0777 & ~umask`` before they are renamed into place.
 """
 
 from __future__ import annotations
@@ -20,6 +24,26 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+
+def current_umask() -> int:
+    """The process's umask (read from /proc on Linux; elsewhere set and restored at once)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def follow_umask(path: str | os.PathLike) -> None:
+    """Give ``path`` (made by `tempfile`, 0600 or 0700) the mode ``open``/``mkdir`` would have given it."""
+    base = 0o777 if os.path.isdir(path) else 0o666
+    os.chmod(path, base & ~current_umask())
 
 
 @contextlib.contextmanager
@@ -37,6 +61,7 @@ def atomic_dir(path: str | os.PathLike, *, overwrite: bool = True) -> Iterator[P
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-{os.getpid()}-", dir=final.parent))
     try:
+        follow_umask(tmp)
         yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -102,6 +127,7 @@ def write_text(path: str | os.PathLike, text: str) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
+        follow_umask(tmp)
         os.replace(tmp, final)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

@@ -11,6 +11,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .data_checks import token_ids
+from .errors import DataError
 from .problem import IGNORE_INDEX
 
 
@@ -23,7 +25,10 @@ def load_corpus(path: str | os.PathLike) -> Any:
 
     p = Path(path)
     if p.is_dir():
-        ds = datasets.load_from_disk(str(p))
+        try:
+            ds = datasets.load_from_disk(str(p))
+        except Exception as e:  # not a dataset directory, or a damaged one
+            raise DataError(f"corpus {p} is not a readable save_to_disk directory ({root_cause(e)})") from e
         if isinstance(ds, datasets.DatasetDict):
             if "train" not in ds:
                 raise ValueError(f"corpus {p} is a DatasetDict without a 'train' split (splits: {list(ds)})")
@@ -34,8 +39,21 @@ def load_corpus(path: str | os.PathLike) -> Any:
     kind = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text"}.get(p.suffix)
     if kind is None:
         raise ValueError(f"corpus {p}: expected a save_to_disk directory or a .jsonl/.json/.parquet/.csv/.txt file")
+    if p.stat().st_size == 0:
+        raise DataError(f"corpus {p} is empty")
     kwargs = {"sample_by": "document"} if kind == "text" else {}
-    return datasets.load_dataset(kind, data_files=str(p), split="train", **kwargs)
+    try:
+        return datasets.load_dataset(kind, data_files=str(p), split="train", **kwargs)
+    except Exception as e:  # datasets wraps the parser's error: name the file and the real cause
+        raise DataError(f"corpus {p} cannot be read as a {p.suffix} file ({root_cause(e)})") from e
+
+
+def root_cause(exc: BaseException) -> str:
+    """``Type: message`` of the innermost exception that ``exc`` was raised from (first line only)."""
+    while exc.__cause__ is not None or (exc.__context__ is not None and not exc.__suppress_context__):
+        exc = exc.__cause__ or exc.__context__
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
 
 
 def pack_texts(texts: Iterable[str], tokenizer: Any, seq_len: int) -> list[np.ndarray]:
@@ -58,8 +76,12 @@ def pack_texts(texts: Iterable[str], tokenizer: Any, seq_len: int) -> list[np.nd
 def split_rows(rows: Iterable[Sequence[int]], seq_len: int) -> list[np.ndarray]:
     """Pre-tokenized rows cut into pieces of at most ``seq_len`` tokens (pieces under 2 tokens dropped)."""
     out = []
-    for row in rows:
-        arr = np.asarray(row, dtype=np.int32)
+    for i, row in enumerate(rows):
+        arr = token_ids(row, f"corpus row {i}")  # whole numbers only; the range is checked against the vocabulary
+        if arr.size and (arr.min() < 0 or arr.max() > np.iinfo(np.int32).max):
+            p = int(np.flatnonzero((arr < 0) | (arr > np.iinfo(np.int32).max))[0])
+            raise DataError(f"corpus row {i}: token id {arr[p]} at position {p} is not a valid token id")
+        arr = arr.astype(np.int32)
         for start in range(0, len(arr), seq_len):
             piece = arr[start : start + seq_len]
             if len(piece) >= 2:
@@ -84,6 +106,8 @@ def pad_batch(
 
     Returns ``input_ids`` and ``attention_mask`` [B, T], ``labels`` (``input_ids`` with
     ``ignore_index`` at padding) and, when the rows have it, ``ref_loss`` (0 at padding).
+    A row whose ids are not whole numbers, or whose ``ref_loss`` is missing or of another length
+    than its ``input_ids``, raises `rho_fused.errors.DataError` naming the row.
     """
     width = max(len(r["input_ids"]) for r in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
@@ -92,9 +116,13 @@ def pad_batch(
     ref = torch.zeros((len(rows), width), dtype=torch.float32) if has_ref else None
     for i, r in enumerate(rows):
         n = len(r["input_ids"])
-        ids[i, :n] = torch.from_numpy(np.array(r["input_ids"], dtype=np.int64))  # a copy: rows may be read-only maps
+        # copies (token_ids' astype, np.array): rows may be read-only memory maps
+        ids[i, :n] = torch.from_numpy(token_ids(r["input_ids"], f"row {i} of the batch"))
         mask[i, :n] = 1
         if ref is not None:
+            if r.get("ref_loss") is None or len(r["ref_loss"]) != n:
+                got = "no ref_loss" if r.get("ref_loss") is None else f"{len(r['ref_loss'])} ref_loss values"
+                raise DataError(f"row {i} of the batch has {got} for its {n} input_ids (one per token is needed)")
             ref[i, :n] = torch.from_numpy(np.array(r["ref_loss"], dtype=np.float32))
     batch = {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, ignore_index)}
     if ref is not None:

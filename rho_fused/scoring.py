@@ -27,9 +27,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .atomic import recover
-from .data import pad_batch
+from .data import pad_batch, root_cause
+from .data_checks import check_row
+from .errors import DataError, UsageError
 from .hf import head_inputs, next_token_targets, shift_right
 from .loss import token_losses
+from .outputs import check_replaceable, write_marker
 from .ranks import from_rank_zero, min_over_ranks, rank_and_world, sum_over_ranks
 
 META_FILE = "rho_fused.json"
@@ -37,7 +40,7 @@ FORMAT = "rho-fused scored corpus"
 FORMAT_VERSION = 2  # 1: one save_to_disk dataset; 2: Arrow shards and a manifest (rho_fused.shards)
 
 
-class FingerprintMismatchError(ValueError):
+class FingerprintMismatchError(UsageError):
     """A scored dataset was made with another tokenizer (or reference model) than the one given."""
 
 
@@ -172,6 +175,7 @@ def score_corpus(
     num_proc: int = 1,
     text_column: str = "text",
     timing: dict[str, float] | None = None,
+    check: bool = True,
 ) -> dict[str, Any]:
     """Score a corpus with the reference ``model`` into Arrow shards under ``out_dir``; return the manifest.
 
@@ -188,6 +192,12 @@ def score_corpus(
     output is the one a single process writes. ``timing``, when given, receives this rank's scoring
     ``seconds``, the ``tokens`` it scored and ``tokens_per_s``, and ``all_ranks_tokens``,
     ``all_ranks_seconds`` (the slowest rank's) and ``all_ranks_tokens_per_s``.
+
+    Every batch's rows are checked before they are scored (`rho_fused.data_checks.check_row`: whole
+    number ids within the reference's vocabulary), unless ``check=False`` (the vocabulary bound is
+    then still enforced); a non-finite reference loss at a scored position is always refused,
+    naming the block, the row and the position (`check_finite`). ``overwrite`` replaces only an
+    earlier output of rho-fused (`rho_fused.outputs.check_replaceable`), which carries the marker.
     """
     import time
 
@@ -198,6 +208,8 @@ def score_corpus(
     rank, world = rank_and_world()
     if from_rank_zero(Path(out_dir).exists()) and not overwrite:  # rank 0's file system decides
         raise FileExistsError(f"{out_dir} already exists; pass overwrite=True (--overwrite) to replace it")
+    if overwrite:
+        _everywhere(lambda: check_replaceable(out_dir, command="score"), rank)
     if isinstance(corpus, (str, os.PathLike)):
         source: Any = CorpusSource(corpus, text_column=text_column)
     else:
@@ -240,13 +252,18 @@ def score_corpus(
         try:
             for lo in range(skip, len(rows), batch_size):
                 chunk = rows[lo : lo + batch_size]
-                top = max(int(r.max()) for r in chunk)
-                if top >= vocab:
-                    raise ValueError(
-                        f"the corpus has token id {top} (block {index}), "
-                        f"outside the reference model's vocabulary of {vocab}"
-                    )
+                if check:
+                    for j, r in enumerate(chunk):
+                        check_row(r, f"the corpus, block {index}, row {lo + j}", vocab=vocab)
+                else:  # ids outside the vocabulary would index out of the embedding: never skipped
+                    low, top = min(int(r.min()) for r in chunk), max(int(r.max()) for r in chunk)
+                    if low < 0 or top >= vocab:
+                        raise DataError(
+                            f"the corpus has token ids in [{low}, {top}] (block {index}), "
+                            f"outside the reference's vocabulary [0, {vocab})"
+                        )
                 ce = score_batch(model, chunk, backend=backend)
+                check_finite(ce, f"block {index}, row", first=lo)
                 tokens = sum(len(r) for r in chunk)
                 if writer is not None and writer.tokens + tokens > shard_tokens:
                     writer.close()
@@ -276,10 +293,26 @@ def score_corpus(
 
     def finish() -> dict[str, Any]:
         meta = store.write_manifest(header, n_blocks)
+        write_marker(store.dir, "score")
         store.publish(overwrite)
         return meta
 
     return _everywhere(finish, rank)
+
+
+def check_finite(ref: Sequence[np.ndarray], where: str = "row", first: int = 0) -> None:
+    """Refuse reference losses that are not finite at a scored position (1 on), naming the first.
+
+    ``where`` and ``first`` name the rows in the message: row ``j`` of ``ref`` is ``{where} {first + j}``.
+    """
+    for j, r in enumerate(ref):
+        bad = np.flatnonzero(~np.isfinite(r[1:]))
+        if bad.size:
+            p = int(bad[0]) + 1
+            raise DataError(
+                f"the reference model's loss is {r[p]} at {where} {first + j}, position {p} ({bad.size} such "
+                f"positions in that row): it overflows; score in float32 (--dtype float32) or check the model"
+            )
 
 
 def read_meta(path: str | os.PathLike) -> dict[str, Any]:
@@ -290,7 +323,12 @@ def read_meta(path: str | os.PathLike) -> dict[str, Any]:
         partial = Path(path).with_name(Path(path).name + ".partial")
         hint = f"; {partial} holds an interrupted run's shards: continue it with --resume" if partial.is_dir() else ""
         raise FileNotFoundError(f"{path} is not a scored dataset from `rho-fused score`: {META_FILE} is missing{hint}")
-    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise DataError(f"{meta_path} is not valid JSON ({e}): the scored dataset is damaged; score it again") from e
+    if not isinstance(meta, dict):
+        raise DataError(f"{meta_path} holds {type(meta).__name__}, not the JSON object `rho-fused score` writes")
     if meta.get("format") != FORMAT or meta.get("format_version") not in (1, FORMAT_VERSION):
         raise ValueError(f"{meta_path}: unknown format {meta.get('format')!r} version {meta.get('format_version')!r}")
     return meta
@@ -306,6 +344,10 @@ def check_tokenizer(meta: dict[str, Any], tokenizer: Any, where: str = "the scor
             f"(fingerprint {have}): its token ids would not mean the same tokens. Train with the tokenizer "
             f"the corpus was scored with, or score the corpus again with this one."
         )
+
+
+def _damaged(path: str | os.PathLike, e: BaseException) -> DataError:
+    return DataError(f"scored dataset {path} cannot be read ({root_cause(e)}): it is damaged; score it again")
 
 
 def load_scored(path: str | os.PathLike, tokenizer: Any | None = None) -> tuple[Any, dict[str, Any]]:
@@ -328,8 +370,14 @@ def load_scored(path: str | os.PathLike, tokenizer: Any | None = None) -> tuple[
                 raise FileNotFoundError(
                     f"scored dataset {path}: shard {shard['file']} listed in {META_FILE} is missing"
                 )
-        return ScoredShards(path, meta["shards"]), meta
-    ds = datasets.load_from_disk(str(path))
+        try:
+            return ScoredShards(path, meta["shards"]), meta
+        except Exception as e:  # a truncated or foreign Arrow file
+            raise _damaged(path, e) from e
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except Exception as e:  # a truncated or foreign Arrow file, a missing state.json
+        raise _damaged(path, e) from e
     missing = {"input_ids", "ref_loss"} - set(ds.column_names)
     if missing:
         raise ValueError(f"scored dataset {path} lacks the columns {sorted(missing)} (has {ds.column_names})")

@@ -25,6 +25,7 @@ from pipeline_fixtures import TEXTS, make_tokenizer, one_thread, reference_workd
 from safetensors.torch import load_file
 
 from rho_fused.cli import main
+from rho_fused.outputs import MARKER
 from rho_fused.scoring import load_scored, read_meta
 
 DRIVER = r'''
@@ -69,8 +70,13 @@ elif point == "save":  # half of the checkpoint file written
             return real_save(obj, f, *args, **kwargs)
         buf = io.BytesIO()
         real_save(obj, buf, *args, **kwargs)
-        with open(f, "wb") as out:
-            out.write(buf.getvalue()[: len(buf.getvalue()) // 2])
+        half = buf.getvalue()[: len(buf.getvalue()) // 2]
+        if hasattr(f, "write"):  # an open file (how train_loop saves)
+            f.write(half)
+            f.flush()
+        else:
+            with open(f, "wb") as out:
+                out.write(half)
         pause()
 
     torch.save = save
@@ -164,7 +170,9 @@ def test_train_killed_mid_checkpoint_resumes_to_the_same_weights(workdir: Path, 
     assert [{k: v for k, v in h.items() if k != "tok_per_s"} for h in logs[0]] == [
         {k: v for k, v in h.items() if k != "tok_per_s"} for h in logs[1]
     ]
-    assert sorted(p.name for p in run.iterdir()) == ["checkpoint", "history.json", "model"]  # nothing stale left
+    # nothing stale left (the marker says rho-fused wrote the run; the dead writer's lock was cleared)
+    assert sorted(p.name for p in run.iterdir()) == [MARKER, "checkpoint", "history.json", "model"]
+    assert not (run.parent / f".{run.name}.lock").exists()
 
 
 def test_torchrun_train_killed_resumes_under_torchrun(workdir: Path) -> None:
