@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .data_checks import token_ids
+from .data_checks import corpus_ids, token_ids
 from .errors import DataError
 from .problem import IGNORE_INDEX
 
@@ -77,11 +77,7 @@ def split_rows(rows: Iterable[Sequence[int]], seq_len: int) -> list[np.ndarray]:
     """Pre-tokenized rows cut into pieces of at most ``seq_len`` tokens (pieces under 2 tokens dropped)."""
     out = []
     for i, row in enumerate(rows):
-        arr = token_ids(row, f"corpus row {i}")  # whole numbers only; the range is checked against the vocabulary
-        if arr.size and (arr.min() < 0 or arr.max() > np.iinfo(np.int32).max):
-            p = int(np.flatnonzero((arr < 0) | (arr > np.iinfo(np.int32).max))[0])
-            raise DataError(f"corpus row {i}: token id {arr[p]} at position {p} is not a valid token id")
-        arr = arr.astype(np.int32)
+        arr = corpus_ids(row, f"corpus row {i}")  # the vocabulary's bound is checked where it is known
         for start in range(0, len(arr), seq_len):
             piece = arr[start : start + seq_len]
             if len(piece) >= 2:

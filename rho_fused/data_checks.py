@@ -48,6 +48,17 @@ def token_ids(values: Any, where: str) -> np.ndarray:
     return arr.astype(np.int64)
 
 
+def corpus_ids(values: Any, where: str) -> np.ndarray:
+    """A corpus row's ids as int32: whole numbers (`token_ids`) from 0 to int32's largest, else `DataError`."""
+    arr = token_ids(values, where)
+    top = np.iinfo(np.int32).max
+    bad = np.flatnonzero((arr < 0) | (arr > top))
+    if bad.size:
+        p = int(bad[0])
+        raise DataError(f"{where}: token id {arr[p]} at position {p} is not a valid token id")
+    return arr.astype(np.int32)
+
+
 def check_row(row: Any, where: str, *, vocab: int | None, need_ref_loss: bool = False) -> int:
     """Refuse a bad row (see the module docstring); return its number of predictable tokens."""
     ids_in, ref = row_parts(row)
@@ -73,7 +84,7 @@ def check_row(row: Any, where: str, *, vocab: int | None, need_ref_loss: bool = 
 def row_chunks(data: Any, chunk: int = CHUNK_ROWS) -> Iterator[tuple[int, list[Any]]]:
     """``(first index, rows)`` over ``data``, ``chunk`` rows at a time (a `datasets.Dataset` is read by slices)."""
     n = len(data)
-    columnar = hasattr(data, "column_names")
+    columnar = type(data).__module__.split(".")[0] == "datasets"  # a `datasets.Dataset`: read by slices
     for start in range(0, n, chunk):
         stop = min(start + chunk, n)
         if columnar:

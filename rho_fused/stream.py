@@ -26,6 +26,10 @@ from typing import Any
 
 import numpy as np
 
+from .data import root_cause
+from .data_checks import corpus_ids
+from .errors import DataError
+
 FILE_KINDS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text"}
 
 
@@ -58,8 +62,8 @@ def pack_block(texts: Sequence[str], tokenizer: Any, seq_len: int) -> np.ndarray
 def split_block(docs: Sequence[Sequence[int]], seq_len: int) -> list[np.ndarray]:
     """Pre-tokenized documents cut into pieces of at most ``seq_len`` tokens (pieces under 2 tokens dropped)."""
     out = []
-    for doc in docs:
-        arr = np.asarray(doc, dtype=np.int32)
+    for i, doc in enumerate(docs):
+        arr = corpus_ids(doc, f"corpus document {i} of its block")  # whole numbers in int32's range
         for start in range(0, len(arr), seq_len):
             if len(arr[start : start + seq_len]) >= 2:
                 out.append(arr[start : start + seq_len])
@@ -87,7 +91,10 @@ class CorpusSource:
         self.path = Path(path)
         p = self.path
         if p.is_dir():
-            ds = datasets.load_from_disk(str(p))  # memory-mapped
+            try:
+                ds = datasets.load_from_disk(str(p))  # memory-mapped
+            except Exception as e:  # not a dataset directory, or a damaged one
+                raise DataError(f"corpus {p} is not a readable save_to_disk directory ({root_cause(e)})") from e
             if isinstance(ds, datasets.DatasetDict):
                 if "train" not in ds:
                     raise ValueError(f"corpus {p} is a DatasetDict without a 'train' split (splits: {list(ds)})")
@@ -101,11 +108,18 @@ class CorpusSource:
                 raise ValueError(
                     f"corpus {p}: expected a save_to_disk directory or a .jsonl/.json/.parquet/.csv/.txt file"
                 )
+            if p.stat().st_size == 0:
+                raise DataError(f"corpus {p} is empty")
             kwargs = {"sample_by": "document"} if kind == "text" else {}
-            ds = datasets.load_dataset(kind, data_files=str(p), split="train", streaming=True, **kwargs)
-            columns = ds.column_names
-            if columns is None:  # the reader learns them from the first record
-                columns = list(next(iter(ds)).keys())
+            try:
+                ds = datasets.load_dataset(kind, data_files=str(p), split="train", streaming=True, **kwargs)
+                columns = ds.column_names
+                if columns is None:  # the reader learns them from the first record
+                    columns = list(next(iter(ds)).keys())
+            except StopIteration:
+                raise DataError(f"corpus {p} holds no record") from None
+            except Exception as e:  # datasets wraps the parser's error: name the file and the real cause
+                raise DataError(f"corpus {p} cannot be read as a {p.suffix} file ({root_cause(e)})") from e
         if "input_ids" in columns:
             self.kind, self.column = "input_ids", "input_ids"
         elif text_column in columns:
@@ -138,8 +152,11 @@ class CorpusSource:
                 else:
                     yield index
             return
-        for index, batch in enumerate(self._ds.iter(batch_size=docs_per_block)):
-            yield Block(index, self.kind, batch[self.column]) if wanted is None or wanted(index) else index
+        try:
+            for index, batch in enumerate(self._ds.iter(batch_size=docs_per_block)):
+                yield Block(index, self.kind, batch[self.column]) if wanted is None or wanted(index) else index
+        except Exception as e:  # a record the parser cannot read, met while streaming
+            raise DataError(f"corpus {self.path} cannot be read as a {self.path.suffix} file ({root_cause(e)})") from e
 
 
 class RowsSource:

@@ -231,12 +231,15 @@ def test_a_run_refused_before_its_first_step_leaves_nothing_in_the_way(work: Pat
     """Bad data refused up front (exit 1, row named); the same --out is then free for the fixed data."""
     import datasets
 
-    bad = work / "scored-bad"
-    ds = datasets.load_from_disk(str(work / "scored"))
-    rows = [list(r) for r in ds["input_ids"]]
-    rows[4][3] = 5000
-    datasets.Dataset.from_dict({"input_ids": rows, "ref_loss": ds["ref_loss"]}, features=ds.features).save_to_disk(bad)
-    (bad / "rho_fused.json").write_text((work / "scored" / "rho_fused.json").read_text())
+    from rho_fused.scoring import load_scored
+
+    data, meta = load_scored(work / "scored")
+    ids = [np.array(r["input_ids"]) for r in data]
+    ids[4][3] = 5000
+    bad = work / "scored-bad"  # the one-dataset layout (format 1), which load_scored still reads
+    ref = [np.array(r["ref_loss"]) for r in data]
+    datasets.Dataset.from_dict({"input_ids": ids, "ref_loss": ref}).save_to_disk(bad)
+    (bad / "rho_fused.json").write_text(json.dumps({**meta, "format_version": 1, "shards": None}))
     assert main(train_argv(work, "run-bad", data=bad.name)) == 1
     line = one_error_line(capsys.readouterr().err, "train")
     assert f"--data {bad}, row 4: token id 5000 at position 3 is outside the vocabulary [0, 300)" in line
@@ -277,7 +280,7 @@ def test_score_refuses_non_finite_reference_losses(tmp_path) -> None:
     with torch.no_grad():
         model.lm_head.weight[7] = float("nan")  # as a reference that overflowed to inf - inf would be
     rows = [np.arange(3, 15, dtype=np.int32), np.arange(20, 30, dtype=np.int32)]
-    with pytest.raises(DataError, match=r"loss is nan at row 0, position 1 .*--dtype float32"):
+    with pytest.raises(DataError, match=r"loss is nan at block 0, row 0, position 1 .*--dtype float32"):
         score_corpus(model, tok, rows, tmp_path / "out", seq_len=16, progress=False)
     assert not (tmp_path / "out").exists()
 
