@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import shlex
 import shutil
 import sys
@@ -30,6 +31,7 @@ from .ranges import Range
 from .ranks import launched_rank_label, local_device, print_on_rank_zero, process_group_from_env
 
 DTYPES = ("float32", "bfloat16", "float16")
+DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO)  # a write failed: on the output's file system
 
 
 def _loaded(what: str, option: str, name: str, load: Any) -> Any:
@@ -481,7 +483,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 _silence_library_bars()
             return int(args.func(args) or 0)
     except (Exception, KeyboardInterrupt) as e:
-        if isinstance(e, OSError) and not e.filename and getattr(args, "out", None):
+        if isinstance(e, OSError) and e.errno in DISK_ERRNOS and not e.filename and getattr(args, "out", None):
             e.filename = args.out  # a full disk met by a library that did not say where: the output
         code, message = explain(e)
         if args.debug:
