@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .errors import DataError
 from .hf import head_inputs, next_token_targets, shift_right
 from .loss import token_losses
 from .problem import IGNORE_INDEX
@@ -126,5 +127,5 @@ def corpus_rows_for_training(
     source = CorpusSource(path, text_column=text_column)
     rows = [r for b in source.blocks(DEFAULT_DOCS_PER_BLOCK) for r in block_rows(b, tokenizer, seq_len)]
     if not rows:
-        raise ValueError(f"corpus {path} gave no token rows (is it shorter than one sequence of {seq_len}?)")
+        raise DataError(f"corpus {path} gave no token rows (is it shorter than one sequence of {seq_len}?)")
     return [{"input_ids": r} for r in rows]

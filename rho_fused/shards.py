@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from .atomic import atomic_dir, write_json
+from .errors import DataError
 
 MANIFEST = "rho_fused.json"
 RUN_FILE = "run.json"
@@ -257,7 +258,7 @@ class ShardStore:
         rows = sum(s["rows"] for s in shards)
         if rows == 0:
             self.discard()  # nothing to resume
-            raise ValueError("the corpus gave no token rows to score (is it shorter than one sequence?)")
+            raise DataError("the corpus gave no token rows to score (is it shorter than one sequence?)")
         tokens = sum(s["tokens"] for s in shards)
         meta = {
             **header,

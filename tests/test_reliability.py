@@ -323,6 +323,8 @@ def test_errors_are_one_line_naming_the_file_or_option(work: Path, capsys) -> No
         cases.append((score_argv(work, "o4", "--device", "cuda"), 2, "--device cuda: CUDA is not available"))
     (work / "empty.jsonl").write_text("")
     cases.append((score_argv(work, "o5") + ["--corpus", str(work / "empty.jsonl")], 1, "empty.jsonl is empty"))
+    (work / "blank.txt").write_text("\n  \n\n")
+    cases.append((score_argv(work, "o7") + ["--corpus", str(work / "blank.txt")], 1, "gave no token rows"))
     (work / "bad.jsonl").write_text("{not json\n")
     cases.append((score_argv(work, "o6") + ["--corpus", str(work / "bad.jsonl")], 1, "bad.jsonl cannot be read"))
     for argv, code, words in cases:
