@@ -95,7 +95,8 @@ def recover(path: str | os.PathLike) -> bool:
     return final.exists()
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this host (one of another user counts as alive)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -111,7 +112,7 @@ def remove_stale(path: str | os.PathLike) -> None:
     for sibling in final.parent.glob(f".{glob.escape(final.name)}.*"):
         kind, _, rest = sibling.name[len(final.name) + 2 :].partition("-")
         pid = rest.split("-")[0]
-        if kind in ("tmp", "old") and pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+        if kind in ("tmp", "old") and pid.isdigit() and int(pid) != os.getpid() and not process_alive(int(pid)):
             if sibling.is_dir():
                 shutil.rmtree(sibling, ignore_errors=True)
             else:

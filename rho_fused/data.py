@@ -15,6 +15,37 @@ from .data_checks import corpus_ids, token_ids
 from .errors import DataError
 from .problem import IGNORE_INDEX
 
+CORPUS_FILE_KINDS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text"}
+
+
+def load_saved_corpus(p: Path) -> Any:
+    """A ``save_to_disk`` directory as a `datasets.Dataset`, memory-mapped (a ``DatasetDict`` gives its
+    ``train`` split)."""
+    import datasets
+
+    try:
+        ds = datasets.load_from_disk(str(p))
+    except Exception as e:  # not a dataset directory, or a damaged one
+        raise DataError(f"corpus {p} is not a readable save_to_disk directory ({root_cause(e)})") from e
+    if isinstance(ds, datasets.DatasetDict):
+        if "train" not in ds:
+            raise ValueError(f"corpus {p} is a DatasetDict without a 'train' split (splits: {list(ds)})")
+        ds = ds["train"]
+    return ds
+
+
+def corpus_file_kind(p: Path) -> str:
+    """The `datasets` reader of corpus file ``p`` (``json``, ``parquet``, ``csv``, ``text``); refuses a
+    missing, empty or unknown file."""
+    if not p.exists():
+        raise FileNotFoundError(f"corpus not found: {p}")
+    kind = CORPUS_FILE_KINDS.get(p.suffix)
+    if kind is None:
+        raise ValueError(f"corpus {p}: expected a save_to_disk directory or a .jsonl/.json/.parquet/.csv/.txt file")
+    if p.stat().st_size == 0:
+        raise DataError(f"corpus {p} is empty")
+    return kind
+
 
 def load_corpus(path: str | os.PathLike) -> Any:
     """A corpus as a `datasets.Dataset`: a directory written by ``save_to_disk`` (a ``DatasetDict``
@@ -25,22 +56,8 @@ def load_corpus(path: str | os.PathLike) -> Any:
 
     p = Path(path)
     if p.is_dir():
-        try:
-            ds = datasets.load_from_disk(str(p))
-        except Exception as e:  # not a dataset directory, or a damaged one
-            raise DataError(f"corpus {p} is not a readable save_to_disk directory ({root_cause(e)})") from e
-        if isinstance(ds, datasets.DatasetDict):
-            if "train" not in ds:
-                raise ValueError(f"corpus {p} is a DatasetDict without a 'train' split (splits: {list(ds)})")
-            ds = ds["train"]
-        return ds
-    if not p.exists():
-        raise FileNotFoundError(f"corpus not found: {p}")
-    kind = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text"}.get(p.suffix)
-    if kind is None:
-        raise ValueError(f"corpus {p}: expected a save_to_disk directory or a .jsonl/.json/.parquet/.csv/.txt file")
-    if p.stat().st_size == 0:
-        raise DataError(f"corpus {p} is empty")
+        return load_saved_corpus(p)
+    kind = corpus_file_kind(p)
     kwargs = {"sample_by": "document"} if kind == "text" else {}
     try:
         return datasets.load_dataset(kind, data_files=str(p), split="train", **kwargs)

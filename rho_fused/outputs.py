@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .atomic import recover, write_json
+from .atomic import process_alive, recover, write_json
 from .errors import RunError, UsageError
 from .ranks import from_rank_zero, rank_and_world
 
@@ -76,16 +76,6 @@ def check_replaceable(path: str | os.PathLike, *, command: str, option: str = "-
     )
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 class OutputLock:
     """An exclusive lock on an output path: the file ``.NAME.lock`` beside it, holding host and pid."""
 
@@ -105,7 +95,7 @@ class OutputLock:
 
     def _stale(self, holder: dict[str, Any]) -> bool:
         pid = holder.get("pid")
-        return holder.get("host") == socket.gethostname() and isinstance(pid, int) and not _alive(pid)
+        return holder.get("host") == socket.gethostname() and isinstance(pid, int) and not process_alive(pid)
 
     def acquire(self) -> None:
         """Take the lock, clearing a dead process's; raise `RunError` naming a live holder."""

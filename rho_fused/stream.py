@@ -26,11 +26,9 @@ from typing import Any
 
 import numpy as np
 
-from .data import root_cause
+from .data import corpus_file_kind, load_saved_corpus, root_cause
 from .data_checks import corpus_ids
 from .errors import DataError
-
-FILE_KINDS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text"}
 
 
 @dataclass
@@ -91,25 +89,10 @@ class CorpusSource:
         self.path = Path(path)
         p = self.path
         if p.is_dir():
-            try:
-                ds = datasets.load_from_disk(str(p))  # memory-mapped
-            except Exception as e:  # not a dataset directory, or a damaged one
-                raise DataError(f"corpus {p} is not a readable save_to_disk directory ({root_cause(e)})") from e
-            if isinstance(ds, datasets.DatasetDict):
-                if "train" not in ds:
-                    raise ValueError(f"corpus {p} is a DatasetDict without a 'train' split (splits: {list(ds)})")
-                ds = ds["train"]
+            ds = load_saved_corpus(p)
             columns = ds.column_names
         else:
-            if not p.exists():
-                raise FileNotFoundError(f"corpus not found: {p}")
-            kind = FILE_KINDS.get(p.suffix)
-            if kind is None:
-                raise ValueError(
-                    f"corpus {p}: expected a save_to_disk directory or a .jsonl/.json/.parquet/.csv/.txt file"
-                )
-            if p.stat().st_size == 0:
-                raise DataError(f"corpus {p} is empty")
+            kind = corpus_file_kind(p)
             kwargs = {"sample_by": "document"} if kind == "text" else {}
             try:
                 ds = datasets.load_dataset(kind, data_files=str(p), split="train", streaming=True, **kwargs)
