@@ -6,7 +6,8 @@
 # Triton <= 3.6 breaks on 2.4), pytest, and the package without the rest of its dependencies, which
 # the kernel tests do not import (installing them took most of the job's time); torch's and
 # triton's versions are checked against setup.py's range instead. Then the interpreter kernel
-# tests, tests/test_triton_*.py (the offline compile report and its checks among them), and the
+# tests, tests/test_triton_*.py (the offline compile report and its checks among them) and the
+# triton cases of tests/test_variants.py (hypothesis installed for them), and the
 # report itself, for the log. The versions run side by side (the interpreter keeps one core busy),
 # each into a log of its own, printed when all are done.
 set -euo pipefail
@@ -18,7 +19,7 @@ one() {
     local version=$1 start=$SECONDS venv="$root/triton-$1"
     python3 -m venv "$venv"
     local py="$venv/bin/python"
-    "$py" -m pip install -q "torch==2.13.0" "triton==$version" "numpy<2.4" pytest
+    "$py" -m pip install -q "torch==2.13.0" "triton==$version" "numpy<2.4" pytest hypothesis
     "$py" -m pip install -q --no-deps -e .
     "$py" -c '
 from importlib.metadata import requires, version
@@ -29,7 +30,7 @@ for req in map(Requirement, requires("rho-fused")):
 print("==", *(f"{name} {version(name)}" for name in ("triton", "torch", "numpy")))
 '
     local installed=$SECONDS
-    "$py" -m pytest -q -p no:cacheprovider tests/test_triton_*.py
+    "$py" -m pytest -q -p no:cacheprovider tests/test_triton_*.py tests/test_variants.py -k triton
     "$py" -m rho_fused.kernels.report
     echo "== triton $version: $((SECONDS - start)) s, of which $((installed - start)) s installing"
 }
