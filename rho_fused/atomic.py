@@ -87,11 +87,14 @@ def recover(path: str | os.PathLike) -> bool:
     final = Path(path)
     if final.exists() or not final.parent.is_dir():
         return False
-    olds = sorted(final.parent.glob(f".{glob.escape(final.name)}.old-*"), key=lambda p: p.stat().st_mtime)
+    olds = []
+    for old in final.parent.glob(f".{glob.escape(final.name)}.old-*"):
+        with contextlib.suppress(FileNotFoundError):  # another process may have put it back since the glob
+            olds.append((old.stat().st_mtime, old))
     if not olds:
-        return False
+        return final.exists()
     with contextlib.suppress(FileNotFoundError, OSError):  # another process may have put it back first
-        os.replace(olds[-1], final)
+        os.replace(max(olds)[1], final)
     return final.exists()
 
 

@@ -211,3 +211,21 @@ def test_score_killed_while_replacing_its_output_keeps_the_previous_one(workdir:
         assert main(score_argv(workdir, "other-straight", "other.jsonl")) == 0
     assert read_meta(out) == read_meta(workdir / "other-straight") != before
     assert not [p for p in workdir.iterdir() if p.name.startswith((".rescored.tmp-", ".rescored.old-"))]
+
+
+def test_recover_survives_a_sibling_that_another_process_moved(tmp_path: Path, monkeypatch) -> None:
+    """Two ranks recover the same output at once: an ``.old-PID`` sibling the glob saw can be gone
+    (renamed back by the other) before it is looked at; the newest one still there is put back."""
+    from rho_fused import atomic
+
+    final = tmp_path / "checkpoint"
+    older, newer = tmp_path / ".checkpoint.old-101", tmp_path / ".checkpoint.old-102"
+    for i, d in enumerate((older, newer)):
+        d.mkdir()
+        (d / "state").write_text(d.name)
+        os.utime(d, (1000 + i, 1000 + i))
+    moved = tmp_path / ".checkpoint.old-103"  # listed by the glob, renamed away before its stat
+    real_glob = Path.glob
+    monkeypatch.setattr(Path, "glob", lambda self, pattern: [*real_glob(self, pattern), moved])
+    assert atomic.recover(final)
+    assert (final / "state").read_text() == newer.name and older.exists()
