@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -14,55 +12,6 @@ from torch import Tensor
 from .data_checks import corpus_ids, token_ids
 from .errors import DataError
 from .problem import IGNORE_INDEX
-
-CORPUS_FILE_KINDS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text"}
-
-
-def load_saved_corpus(p: Path) -> Any:
-    """A ``save_to_disk`` directory as a `datasets.Dataset`, memory-mapped (a ``DatasetDict`` gives its
-    ``train`` split)."""
-    import datasets
-
-    try:
-        ds = datasets.load_from_disk(str(p))
-    except Exception as e:  # not a dataset directory, or a damaged one
-        raise DataError(f"corpus {p} is not a readable save_to_disk directory ({root_cause(e)})") from e
-    if isinstance(ds, datasets.DatasetDict):
-        if "train" not in ds:
-            raise ValueError(f"corpus {p} is a DatasetDict without a 'train' split (splits: {list(ds)})")
-        ds = ds["train"]
-    return ds
-
-
-def corpus_file_kind(p: Path) -> str:
-    """The `datasets` reader of corpus file ``p`` (``json``, ``parquet``, ``csv``, ``text``); refuses a
-    missing, empty or unknown file."""
-    if not p.exists():
-        raise FileNotFoundError(f"corpus not found: {p}")
-    kind = CORPUS_FILE_KINDS.get(p.suffix)
-    if kind is None:
-        raise ValueError(f"corpus {p}: expected a save_to_disk directory or a .jsonl/.json/.parquet/.csv/.txt file")
-    if p.stat().st_size == 0:
-        raise DataError(f"corpus {p} is empty")
-    return kind
-
-
-def load_corpus(path: str | os.PathLike) -> Any:
-    """A corpus as a `datasets.Dataset`: a directory written by ``save_to_disk`` (a ``DatasetDict``
-    gives its ``train`` split), or a ``.jsonl`` / ``.json`` / ``.parquet`` / ``.csv`` / ``.txt`` file
-    (a ``.txt`` file is one document). Read locally; nothing is downloaded.
-    """
-    import datasets
-
-    p = Path(path)
-    if p.is_dir():
-        return load_saved_corpus(p)
-    kind = corpus_file_kind(p)
-    kwargs = {"sample_by": "document"} if kind == "text" else {}
-    try:
-        return datasets.load_dataset(kind, data_files=str(p), split="train", **kwargs)
-    except Exception as e:  # datasets wraps the parser's error: name the file and the real cause
-        raise DataError(f"corpus {p} cannot be read as a {p.suffix} file ({root_cause(e)})") from e
 
 
 def root_cause(exc: BaseException) -> str:
@@ -79,37 +28,29 @@ def pack_texts(texts: Iterable[str], tokenizer: Any, seq_len: int) -> list[np.nd
     The incomplete last row is dropped (pre-training style packing: no padding, every token scored).
     """
     eos = tokenizer.eos_token_id
-    stream: list[int] = []
-    for text in texts:
-        ids = tokenizer(text, add_special_tokens=True)["input_ids"]
+    texts = list(texts)
+    encoded = tokenizer(texts, add_special_tokens=True)["input_ids"] if texts else []
+    pieces = []
+    for ids in encoded:
         if eos is not None and (not ids or ids[-1] != eos):
             ids = [*ids, eos]
-        stream.extend(ids)
-    n = len(stream) // seq_len
-    arr = np.asarray(stream[: n * seq_len], dtype=np.int32).reshape(n, seq_len)
-    return list(arr)
+        pieces.append(np.asarray(ids, dtype=np.int32))
+    flat = np.concatenate(pieces) if pieces else np.zeros(0, np.int32)
+    n = len(flat) // seq_len
+    return list(flat[: n * seq_len].reshape(n, seq_len))
 
 
-def split_rows(rows: Iterable[Sequence[int]], seq_len: int) -> list[np.ndarray]:
-    """Pre-tokenized rows cut into pieces of at most ``seq_len`` tokens (pieces under 2 tokens dropped)."""
+def split_rows(rows: Iterable[Sequence[int]], seq_len: int, label: str = "corpus row {}") -> list[np.ndarray]:
+    """Pre-tokenized rows cut into pieces of at most ``seq_len`` tokens (pieces under 2 tokens dropped);
+    ``label.format(i)`` names row ``i`` in an error."""
     out = []
     for i, row in enumerate(rows):
-        arr = corpus_ids(row, f"corpus row {i}")  # the vocabulary's bound is checked where it is known
+        arr = corpus_ids(row, label.format(i))  # the vocabulary's bound is checked where it is known
         for start in range(0, len(arr), seq_len):
             piece = arr[start : start + seq_len]
             if len(piece) >= 2:
                 out.append(piece)
     return out
-
-
-def corpus_rows(corpus: Any, tokenizer: Any, seq_len: int, text_column: str = "text") -> list[np.ndarray]:
-    """Token rows of a corpus: its ``input_ids`` column split to ``seq_len``, or its text column packed."""
-    columns = corpus.column_names
-    if "input_ids" in columns:
-        return split_rows(corpus["input_ids"], seq_len)
-    if text_column in columns:
-        return pack_texts(corpus[text_column], tokenizer, seq_len)
-    raise ValueError(f"corpus must have an 'input_ids' or a {text_column!r} column, got columns {columns}")
 
 
 def pad_batch(

@@ -109,7 +109,7 @@ def _check_ids(model: nn.Module, input_ids: Tensor) -> None:
     rows = getattr(embed, "num_embeddings", None)
     if not validation.CHECK_VALUES or rows is None or input_ids.numel() == 0:
         return
-    low, high = int(input_ids.min()), int(input_ids.max())
+    low, high = torch.stack([input_ids.min(), input_ids.max()]).tolist()  # one read back, not two
     if low < 0 or high >= rows:
         bad = low if low < 0 else high
         raise ValueError(f"input_ids must be in [0, {rows}) (the model's input embedding), got {bad}")

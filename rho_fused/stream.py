@@ -26,8 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from .data import corpus_file_kind, load_saved_corpus, root_cause
-from .data_checks import corpus_ids
+from .data import pack_texts, root_cause, split_rows
 from .errors import DataError
 
 
@@ -40,39 +39,43 @@ class Block:
     docs: list[Any]
 
 
-def pack_block(texts: Sequence[str], tokenizer: Any, seq_len: int) -> np.ndarray:
-    """Rows ``[n, seq_len]`` (int32) of a block's texts: tokenized, each ended with EOS, packed, remainder dropped.
-
-    The same rows as `rho_fused.data.pack_texts` on these texts alone.
-    """
-    eos = tokenizer.eos_token_id
-    encoded = tokenizer(list(texts), add_special_tokens=True)["input_ids"] if texts else []
-    pieces = []
-    for ids in encoded:
-        if eos is not None and (not ids or ids[-1] != eos):
-            ids = [*ids, eos]
-        pieces.append(np.asarray(ids, dtype=np.int32))
-    flat = np.concatenate(pieces) if pieces else np.zeros(0, np.int32)
-    n = len(flat) // seq_len
-    return flat[: n * seq_len].reshape(n, seq_len)
-
-
-def split_block(docs: Sequence[Sequence[int]], seq_len: int) -> list[np.ndarray]:
-    """Pre-tokenized documents cut into pieces of at most ``seq_len`` tokens (pieces under 2 tokens dropped)."""
-    out = []
-    for i, doc in enumerate(docs):
-        arr = corpus_ids(doc, f"corpus document {i} of its block")  # whole numbers in int32's range
-        for start in range(0, len(arr), seq_len):
-            if len(arr[start : start + seq_len]) >= 2:
-                out.append(arr[start : start + seq_len])
-    return out
-
-
 def block_rows(block: Block, tokenizer: Any, seq_len: int) -> list[np.ndarray]:
     """The token rows of one block (see the module docstring)."""
     if block.kind == "text":
-        return list(pack_block(block.docs, tokenizer, seq_len))
-    return split_block(block.docs, seq_len)
+        return pack_texts(block.docs, tokenizer, seq_len)
+    return split_rows(block.docs, seq_len, label="corpus document {} of its block")
+
+
+CORPUS_FILE_KINDS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text"}
+
+
+def load_saved_corpus(p: Path) -> Any:
+    """A ``save_to_disk`` directory as a `datasets.Dataset`, memory-mapped (a ``DatasetDict`` gives its
+    ``train`` split)."""
+    import datasets
+
+    try:
+        ds = datasets.load_from_disk(str(p))
+    except Exception as e:  # not a dataset directory, or a damaged one
+        raise DataError(f"corpus {p} is not a readable save_to_disk directory ({root_cause(e)})") from e
+    if isinstance(ds, datasets.DatasetDict):
+        if "train" not in ds:
+            raise ValueError(f"corpus {p} is a DatasetDict without a 'train' split (splits: {list(ds)})")
+        ds = ds["train"]
+    return ds
+
+
+def corpus_file_kind(p: Path) -> str:
+    """The `datasets` reader of corpus file ``p`` (``json``, ``parquet``, ``csv``, ``text``); refuses a
+    missing, empty or unknown file."""
+    if not p.exists():
+        raise FileNotFoundError(f"corpus not found: {p}")
+    kind = CORPUS_FILE_KINDS.get(p.suffix)
+    if kind is None:
+        raise ValueError(f"corpus {p}: expected a save_to_disk directory or a .jsonl/.json/.parquet/.csv/.txt file")
+    if p.stat().st_size == 0:
+        raise DataError(f"corpus {p} is empty")
+    return kind
 
 
 class CorpusSource:

@@ -143,16 +143,20 @@ def test_interrupted_scoring_keeps_the_previous_output_and_resumes(tmp_path, tok
 def test_corpus_formats(tmp_path, tokenizer) -> None:
     import datasets
 
-    from rho_fused.data import corpus_rows, load_corpus
+    from rho_fused.stream import CorpusSource, block_rows
+
+    def rows_of(path):
+        return [r for b in CorpusSource(path).blocks(1000) for r in block_rows(b, tokenizer, seq_len)]
 
     # pre-tokenized rows are kept as they are, cut at seq_len (pieces under 2 tokens dropped)
     datasets.Dataset.from_dict({"input_ids": [list(range(10)), [5, 6, 7], [9]]}).save_to_disk(tmp_path / "tok")
-    rows = corpus_rows(load_corpus(tmp_path / "tok"), tokenizer, 4)
-    assert [r.tolist() for r in rows] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9], [5, 6, 7]]
+    seq_len = 4
+    assert [r.tolist() for r in rows_of(tmp_path / "tok")] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9], [5, 6, 7]]
     # a text file is one document, tokenized, ended with EOS and packed
     (tmp_path / "doc.txt").write_text(TEXTS[0] + "\n" + TEXTS[1])
-    rows = corpus_rows(load_corpus(tmp_path / "doc.txt"), tokenizer, 8)
+    seq_len = 8
     stream = tokenizer(TEXTS[0] + "\n" + TEXTS[1])["input_ids"] + [tokenizer.eos_token_id]
-    assert [t for r in rows for t in r.tolist()] == stream[: len(stream) // 8 * 8]
+    assert [t for r in rows_of(tmp_path / "doc.txt") for t in r.tolist()] == stream[: len(stream) // 8 * 8]
+    datasets.Dataset.from_dict({"other": ["x"]}).save_to_disk(tmp_path / "other")
     with pytest.raises(ValueError, match="'input_ids' or a 'text' column"):
-        corpus_rows(datasets.Dataset.from_dict({"other": ["x"]}), tokenizer, 8)
+        CorpusSource(tmp_path / "other")
