@@ -108,7 +108,7 @@ def run(
     case: Case, backend: str, **options
 ) -> tuple[Tensor | list[Tensor], list[Tensor | None], rho_fused.SelectionStats]:
     """The loss (``[loss, lse]`` with ``return_lse``), gradients ``[d hidden, d weight, d bias]``
-    and stats of one backend on ``case``, on the CPU.
+    and stats of one backend on ``case``, on the case's device.
 
     The triton backend runs on ``KERNEL_DEVICE``: the GPU where there is one, else the interpreter;
     so does every backend of a sampled selection (the same generator must draw the same U).
@@ -124,9 +124,11 @@ def run(
     )  # fmt: skip
     outputs, stats = list(out[:-1]), out[-1]
     grads = _grads(on, outputs, options.get("reduction", "mean"))
-    outputs = [o.detach().cpu() for o in outputs]
-    stats = rho_fused.SelectionStats(**{k: None if v is None else v.cpu() for k, v in vars(stats).items()})
-    grads = [None if g is None else g.cpu() for g in grads]
+    outputs = [o.detach() for o in outputs]
+    if on is not case:  # back where the case lives (a copy to the host would synchronise for nothing)
+        outputs = [o.cpu() for o in outputs]
+        stats = rho_fused.SelectionStats(**{k: None if v is None else v.cpu() for k, v in vars(stats).items()})
+        grads = [None if g is None else g.cpu() for g in grads]
     return (outputs[0] if len(outputs) == 1 else outputs), grads, stats
 
 
