@@ -38,6 +38,7 @@ class Row:
     work_mib: float  # mem_mib - grads_mib: working memory beyond inputs and gradients
     work_x_naive: float
     load_1min: float = math.nan  # the 1-minute load average when the shape's timing ended (shared cores)
+    busy: int = 0  # busy processes (one spinning core each) started beside the timing, --busy
 
 
 def write_csv(rows: list[Row], path: Path) -> None:

@@ -83,6 +83,12 @@ def main() -> None:
         choices=TASKS,
         help="tasks whose peak memory is measured (default all; slm with --quick)",
     )
+    parser.add_argument(
+        "--busy",
+        type=int,
+        default=0,
+        help="start this many busy processes (each spins one core) beside the timing, as CI or a laptop has",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--tag", help="file name stem instead of <machine>-<date>")
     parser.add_argument("--from-csv", type=Path, help="only redraw the tables and plots of an earlier run's CSV")
@@ -112,13 +118,15 @@ def main() -> None:
     rows: list[report.Row] = []
     for n, d, v in grid:
         x = Inputs.make(n, d, v, args.keep, args.device)
-        times, rates = measure.time_methods(x, methods, args.tasks, reps, args.device)
+        with measure.busy_processes(args.busy):
+            times, rates = measure.time_methods(x, methods, args.tasks, reps, args.device)
         load = os.getloadavg()[0]
         del x
         gemm_rates = {name: measure.median(r) for name, r in rates.items()}
         rate = max(gemm_rates.values())
         gflops = ", ".join(f"{k} {r / 1e9:.0f}" for k, r in gemm_rates.items())
-        print(f"N={n} D={d} V={v}: load {load:.1f}, fp32 GEMM GFLOP/s {gflops}", flush=True)
+        busy = f", {args.busy} busy processes beside it" if args.busy else ""
+        print(f"N={n} D={d} V={v}: load {load:.1f}{busy}, fp32 GEMM GFLOP/s {gflops}", flush=True)
         for task in args.tasks:
             floor = measure.flop_floor(n, d, v, args.keep, task) / rate
             naive_t = measure.median(times[("naive", task)]) if "naive" in methods else math.nan
@@ -140,6 +148,7 @@ def main() -> None:
                         mem_mib=mems[m], mem_x_naive=mems[m] / mems.get("naive", math.nan), grads_mib=grads,
                         work_mib=mems[m] - grads, load_1min=load,
                         work_x_naive=(mems[m] - grads) / (mems.get("naive", math.nan) - grads),
+                        busy=args.busy,
                     )
                 )  # fmt: skip
                 print(
@@ -160,7 +169,8 @@ def write_outputs(rows: list[report.Row], out: Path, stem: str, command: str, cs
     text = [
         f"# {stem}",
         "",
-        f"`{command}` on {r0.machine} ({r0.device}, {r0.threads} threads), torch {r0.torch}, fp32.",
+        f"`{command}` on {r0.machine} ({r0.device}, {r0.threads} threads), torch {r0.torch}, fp32"
+        + (f", timed beside {r0.busy} busy processes (one spinning core each)." if r0.busy else "."),
         f"Medians of {r0.reps} alternating repetitions after a warm-up. Floor: matmul flops"
         " ((2 + 6r) N D V for SLM, 6 N D V for plain CE) over the fp32 matmul rate measured in the same run."
         " Memory: peak growth of one forward+backward in a fresh process, gradients included,"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import zlib
+from dataclasses import replace
 
 import pytest
 import torch
@@ -19,10 +20,115 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 @pytest.fixture(autouse=True)
 def small_chunks(monkeypatch):
     """Tiles of a few rows and 16 columns, so every shape below spans several blocks of rows and of
-    columns, the last ones short."""
+    columns, the last ones short; the one-pass path (plain CE) in blocks of 9 rows and 16 columns."""
     monkeypatch.setattr(chunked, "MIN_TILE_COLS", 16)
     monkeypatch.setattr(chunked, "FORWARD_BUDGET_BYTES", 7 * 97 * 4 * 2)
     monkeypatch.setattr(chunked, "BACKWARD_BUDGET_BYTES", 8 * 6 * 24 * 4)
+    small_single_pass(monkeypatch, rows=9, cols=16)
+
+
+def small_single_pass(monkeypatch, rows: int, cols: int) -> None:
+    """The one-pass path in blocks of ``rows`` rows (V = 97, D = 24, fp32 or lower) and tiles of ``cols`` columns."""
+    monkeypatch.setattr(chunked, "SINGLE_PASS_BUDGET_BYTES", rows * (97 + (chunked.DH_GROUPS + 1) * 24) * 4)
+    monkeypatch.setattr(chunked, "SINGLE_PASS_BUDGET_OF_DW", 0.0)
+    monkeypatch.setattr(chunked, "SINGLE_PASS_BUDGET_OF_LOGITS", 1.0)
+    monkeypatch.setattr(chunked, "SINGLE_PASS_SMALL_BYTES", 0)
+    monkeypatch.setattr(chunked, "MIN_SINGLE_PASS_ROWS", 1)
+    monkeypatch.setattr(chunked, "SINGLE_PASS_TILE_ELEMS", rows * cols)
+
+
+class CountSinglePass:
+    """Counts the one-pass path's calls (monkeypatched over `chunked._single_pass`)."""
+
+    def __init__(self, monkeypatch) -> None:
+        self.calls = 0
+        inner = chunked._single_pass
+
+        def counted(*args):
+            self.calls += 1
+            return inner(*args)
+
+        monkeypatch.setattr(chunked, "_single_pass", counted)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize(
+    "variant",
+    [{}, {"bias": True}, {"z_loss": 1e-3}, {"label_smoothing": 0.1}, {"z_loss": 1e-2, "label_smoothing": 0.2}],
+    ids=str,
+)
+def test_single_pass(monkeypatch, dtype, reduction, variant):
+    """Plain CE with gradients needed forms them in the forward, block by block (9 rows, 16 columns,
+    8 groups of tiles), as close to the fp64 truth as PyTorch, strided hidden and ignored tokens too."""
+    count = CountSinglePass(monkeypatch)
+    options = dict(variant)
+    case = make_case((5, 13), 24, 97, seed=len(str(variant)) + 7, bias=options.pop("bias", False), ref="none")
+    case = replace(case, hidden=case.hidden.transpose(0, 1).contiguous().transpose(0, 1))  # strided [5, 13, 24]
+    assert not case.hidden.is_contiguous()
+    assert_parity(case, "chunked", dtype, keep_ratio=1.0, reduction=reduction, **options)
+    assert count.calls == 1  # the reference and the truth take their own paths
+
+
+def test_single_pass_equals_two_passes(monkeypatch):
+    """The one-pass path's loss, stats and gradients against the forward-then-backward path's (forced
+    by a budget too small for it), with several blocks of rows, an upstream gradient of 2.5."""
+    case = make_case((5, 13), 24, 97, seed=5, bias=True, ref="none")
+
+    def loss_and_grads():
+        h, w, b = (t.detach().clone().requires_grad_() for t in (case.hidden, case.weight, case.bias))
+        loss = rho_fused.linear_cross_entropy(h, w, case.targets, bias=b, backend="chunked")
+        (2.5 * loss).backward()
+        return [loss.detach(), h.grad, w.grad, b.grad]
+
+    count = CountSinglePass(monkeypatch)
+    one = loss_and_grads()
+    assert count.calls == 1
+    monkeypatch.setattr(chunked, "MIN_SINGLE_PASS_ROWS", 10**6)
+    two = loss_and_grads()
+    assert count.calls == 1
+    for a, b in zip(one, two, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_single_pass_lse_gradient_and_retain_graph(monkeypatch):
+    """When lse has a gradient too, or a second backward runs (retain_graph), the backward recomputes
+    (the gradients formed in the forward serve one backward of the loss alone): every backward's
+    gradients equal the reference's."""
+    count = CountSinglePass(monkeypatch)
+    case = make_case((4, 11), 24, 97, seed=9, ref="none")
+    got = {}
+    for backend in ("chunked", "reference"):
+        h, w = (t.detach().clone().requires_grad_() for t in (case.hidden, case.weight))
+        loss, lse = rho_fused.fused_selective_loss(
+            h, w, case.targets, None, keep_ratio=1.0, backend=backend, return_lse=True
+        )
+        (loss + 0.3 * lse.sum()).backward(retain_graph=True)
+        first = [h.grad.clone(), w.grad.clone()]
+        h.grad = w.grad = None
+        loss.backward(retain_graph=True)
+        loss_only = [h.grad.clone(), w.grad.clone()]
+        h.grad = w.grad = None
+        loss.backward()
+        got[backend] = first, loss_only, [h.grad, w.grad]
+    assert count.calls == 1
+    for a, b in zip(got["chunked"], got["reference"], strict=True):
+        for x, y in zip(a, b, strict=True):
+            torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
+
+
+def test_single_pass_not_taken_without_gradients(monkeypatch):
+    """No gradient needed (no_grad, or inputs that do not require one): the plain forward."""
+    count = CountSinglePass(monkeypatch)
+    case = make_case((3, 7), 24, 97, ref="none")
+    h, w, t = case.hidden.detach(), case.weight.detach(), case.targets
+    with torch.no_grad():
+        rho_fused.linear_cross_entropy(h.clone().requires_grad_(), w, t, backend="chunked")
+    rho_fused.linear_cross_entropy(h, w, t, backend="chunked")
+    loss = rho_fused.linear_cross_entropy(h.clone().requires_grad_(), w, t, reduction="none", backend="chunked")
+    assert count.calls == 0 and loss.requires_grad
+    rho_fused.linear_cross_entropy(h.clone().requires_grad_(), w, t, backend="chunked")
+    assert count.calls == 1
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -33,23 +33,46 @@ How it stays near the matmul floor ``(2 + 6 r) N D V`` (measurements in ``bench/
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor
 
-from ..problem import LossProblem, SelectionStats, reduce_loss, reference_loss, token_term
+from ..problem import LossProblem, SelectionStats, reduce_loss, reference_loss, token_term, upstream
 from ..selection import choose, select_top
+from . import workers
 from .ops import define
 
-# Working memory of the forward: its two logits-sized buffers (the tile, and log-softmax's output).
-# The gradients do not exist yet, so this may be larger than the backward's.
+# Working memory of the forward, all workers together: each worker's tile of logits and its
+# logsumexp's temporary. The gradients do not exist yet, so this may be larger than the backward's.
 FORWARD_BUDGET_BYTES = 4 * 2**20
 # Working memory of the backward beyond the gradients it returns (already V x D + N x D): a block's
-# rows of hidden and of d hidden, its tile of logits, and two [cols, D] operands per tile. At least
-# BACKWARD_BUDGET_BYTES, and up to BACKWARD_BUDGET_OF_DW of d W's bytes, which the step holds anyway.
+# rows of hidden, the partial sums of d hidden, and per worker its tile of logits, its product into
+# d hidden and two [cols, D] operands. At least BACKWARD_BUDGET_BYTES, and up to
+# BACKWARD_BUDGET_OF_DW of d W's bytes, which the step holds anyway.
 BACKWARD_BUDGET_BYTES = 8 * 2**20
 BACKWARD_BUDGET_OF_DW = 1 / 8
+# The one-pass path (every valid token kept, gradients formed in the forward) holds a block of rows'
+# logits over the whole vocabulary: SINGLE_PASS_BUDGET_BYTES, or SINGLE_PASS_BUDGET_OF_DW of d W's
+# bytes if more, but at most SINGLE_PASS_BUDGET_OF_LOGITS of all N x V logits' (naive PyTorch's
+# step holds two to three times those), and at least SINGLE_PASS_SMALL_BYTES. It is taken when a
+# block then has MIN_SINGLE_PASS_ROWS rows (or all of them): with fewer, re-reading W for every
+# block cost more than the recompute it saves (bench/NOTES.md).
+SINGLE_PASS_BUDGET_BYTES = 32 * 2**20
+SINGLE_PASS_BUDGET_OF_DW = 1 / 2
+SINGLE_PASS_BUDGET_OF_LOGITS = 1 / 5
+SINGLE_PASS_SMALL_BYTES = 4 * 2**20
+MIN_SINGLE_PASS_ROWS = 128
+# Elements of one tile of the one-pass path: its columns are this over the block's rows.
+SINGLE_PASS_TILE_ELEMS = 2**19
+# d hidden is summed over the vocabulary's tiles in this many fixed groups of tiles, one partial sum
+# each, added in order at the end: the groups are the backward's work items, and the sum does not
+# depend on which worker ran which group.
+DH_GROUPS = 8
+# Whether d W and d hidden accumulate in place (torch.addmm_, MKL on CPU) rather than through
+# oneDNN's products and an add; None: measured once per process (`_in_place_products`).
+IN_PLACE_PRODUCTS: bool | None = None
 # Fewest vocabulary columns in a tile: below this, blocks of rows shrink instead.
 MIN_TILE_COLS = 64
 # Tiles are a multiple of this many columns wide where they can be: oneDNN ran the backward's
@@ -71,32 +94,46 @@ def _even(n: int, most: int) -> int:
     return max(1, -(-n // max(1, blocks)))
 
 
-def forward_tile(p: LossProblem, n_rows: int) -> tuple[int, int]:
-    """``(rows, cols)`` of a forward tile over ``n_rows`` rows: two of them fit ``FORWARD_BUDGET_BYTES``.
+def forward_tile(p: LossProblem, n_rows: int, threads: int = 1) -> tuple[int, int]:
+    """``(rows, cols)`` of a forward tile over ``n_rows`` rows: ``2 * threads`` of them fit ``FORWARD_BUDGET_BYTES``.
 
     All rows in one block while that leaves ``MIN_TILE_COLS`` columns; fewer rows beyond.
     """
-    elems = max(1, FORWARD_BUDGET_BYTES // (2 * p.compute_dtype.itemsize))
+    elems = max(1, FORWARD_BUDGET_BYTES // (2 * threads * p.compute_dtype.itemsize))
     n_vocab, dim = p.weight.shape[0], max(1, p.weight.shape[1])  # D = 0: logits are the bias alone
     # Columns also bounded by elems // dim: the tile's slice of W, which oneDNN packs per product.
     cols = _cols(n_vocab, min(elems // max(n_rows, 1), elems // dim))
     return _even(n_rows, elems // max(cols, 1)), cols
 
 
-def backward_tile(p: LossProblem, n_rows: int, row_buffers: int = 3) -> tuple[int, int]:
+def backward_tile(p: LossProblem, n_rows: int, row_buffers: int = 2 + DH_GROUPS, threads: int = 1) -> tuple[int, int]:
     """``(rows, cols)`` of a backward tile over ``n_rows`` kept rows, within the backward's budget.
 
-    Working set, in elements: ``row_buffers R D`` (the gathered rows, d hidden^T, each tile's product
-    into it; two when the rows live in d hidden's storage) ``+ k R C`` (the tile; k = 2 with a bias
-    or softcap) ``+ 2 C D`` (d W_c, and the operand copied for d hidden). The ``[R, D]`` buffers
-    take at most two thirds of it; the columns fill the rest.
+    Working set, in elements: ``row_buffers R D`` (the gathered rows, the partial sums of
+    d hidden^T; one fewer when the rows live in d hidden's storage) and, per worker, ``k R C``
+    (the tile; k = 2 with a bias or softcap) ``+ R D`` (its product into d hidden) ``+ 2 C D``
+    (d W_c, and the operand copied for d hidden). The ``[R, D]`` buffers take at most two thirds
+    of it; the columns fill the rest.
     """
     n_vocab, dim = p.weight.shape[0], max(1, p.weight.shape[1])  # D = 0: logits are the bias alone
     elems = max(1, BACKWARD_BUDGET_BYTES // p.compute_dtype.itemsize, int(n_vocab * dim * BACKWARD_BUDGET_OF_DW))
     tiles = 1 if p.bias is None and p.softcap is None else 2
-    rows = _even(n_rows, 2 * elems // (3 * row_buffers * dim))
-    cols = (elems - row_buffers * rows * dim) // (tiles * rows + 2 * dim)
+    buffers = row_buffers + threads
+    rows = _even(n_rows, 2 * elems // (3 * buffers * dim))
+    cols = (elems - buffers * rows * dim) // (threads * (tiles * rows + 2 * dim))
     return rows, _cols(n_vocab, cols)
+
+
+def single_pass_tile(p: LossProblem, n_rows: int) -> tuple[int, int]:
+    """``(rows, cols)`` of the one-pass path over ``n_rows`` rows: a block's logits over the whole
+    vocabulary, and its partial sums of d hidden, fit its budget (see ``SINGLE_PASS_BUDGET_BYTES``).
+    """
+    n_vocab, dim = p.weight.shape[0], p.weight.shape[1]
+    size = p.compute_dtype.itemsize
+    budget = max(SINGLE_PASS_BUDGET_BYTES, int(n_vocab * dim * size * SINGLE_PASS_BUDGET_OF_DW))
+    budget = max(SINGLE_PASS_SMALL_BYTES, min(budget, int(n_rows * n_vocab * size * SINGLE_PASS_BUDGET_OF_LOGITS)))
+    rows = _even(n_rows, budget // (size * max(1, n_vocab + (DH_GROUPS + 1) * dim)))
+    return rows, _cols(n_vocab, SINGLE_PASS_TILE_ELEMS // max(rows, 1))
 
 
 def _onednn_linear():
@@ -116,6 +153,32 @@ def _linear(x: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
     if _ONEDNN_LINEAR is not None and x.device.type == "cpu" and x.dtype == w.dtype == torch.float32 and x.shape[1]:
         return _ONEDNN_LINEAR(x, w, b, "none", [], "")
     return x @ w.T if b is None else torch.addmm(b, x, w.T)
+
+
+def _in_place_products(device: torch.device, dtype: torch.dtype) -> bool:
+    """`IN_PLACE_PRODUCTS`, measured on first use: the faster, on this CPU, of ``addmm_`` and
+    oneDNN's product then ``add_`` for one backward tile's ``d W_c`` (best of three each). oneDNN ran
+    fp32 products about twice as fast as MKL on AMD EPYC; on Intel Xeon they were even (bench/NOTES.md)."""
+    global IN_PLACE_PRODUCTS
+    if device.type != "cpu" or dtype != torch.float32 or _ONEDNN_LINEAR is None:
+        return True
+    if IN_PLACE_PRODUCTS is None:
+        g = torch.Generator().manual_seed(0)
+        dz_t, h = torch.randn(256, 384, generator=g), torch.randn(384, 512, generator=g)
+        out = torch.zeros(256, 512)
+
+        def best(fn: Callable[[], object]) -> float:
+            times = []
+            for _ in range(3):
+                start = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - start)
+            return min(times)
+
+        in_place = best(lambda: out.addmm_(dz_t, h))
+        onednn = best(lambda: out.add_(_linear(dz_t, h.T)))
+        IN_PLACE_PRODUCTS = in_place <= 1.1 * onednn
+    return IN_PLACE_PRODUCTS
 
 
 def _head(p: LossProblem) -> tuple[Tensor, Tensor | None]:
@@ -147,14 +210,69 @@ def _row_blocks(
             yield pos, h, p.targets.index_select(0, rows)
 
 
-def _col_blocks(t: Tensor, n_vocab: int, step: int) -> Iterator[tuple[slice, Tensor, Tensor]]:
+def _col_blocks(t: Tensor, n_vocab: int, step: int) -> list[tuple[slice, Tensor, Tensor]]:
     """Per block of ``step`` vocabulary columns: its slice, the rows whose target (in ``t``) falls
     in it, and that target's column there. One sort of ``t`` and one host read for all blocks."""
     starts = list(range(0, n_vocab, step))
     sorted_t, order = torch.sort(t, stable=True)
     bounds = torch.searchsorted(sorted_t, torch.tensor([*starts, n_vocab], dtype=t.dtype, device=t.device)).tolist()
-    for start, lo, hi in zip(starts, bounds[:-1], bounds[1:], strict=True):
-        yield slice(start, min(start + step, n_vocab)), order[lo:hi], sorted_t[lo:hi] - start
+    return [
+        (slice(start, min(start + step, n_vocab)), order[lo:hi], sorted_t[lo:hi] - start)
+        for start, lo, hi in zip(starts, bounds[:-1], bounds[1:], strict=True)
+    ]
+
+
+def _groups(n_tiles: int) -> list[range]:
+    """The tiles ``0 .. n_tiles - 1`` in at most `DH_GROUPS` contiguous groups of near-equal size."""
+    n = min(DH_GROUPS, n_tiles)
+    bounds = [k * n_tiles // n for k in range(n + 1)]
+    return [range(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+
+
+def _logits_t(p: LossProblem, w: Tensor, b: Tensor | None, h: Tensor, cols: slice) -> Tensor:
+    """The tile ``[cols, rows]`` of logits, ``W_c h^T (+ b_c)``, softcapped."""
+    z_t = _linear(w[cols], h)
+    if b is not None:
+        z_t.add_(b[cols, None])
+    return _capped(p, z_t)
+
+
+class _Stats:
+    """Per row of a block: the largest logit ``m``, ``lse``, the target's logit and ``sum_v z_v``,
+    from per-tile slots that any worker writes, merged in tile order (in fp64 for ``lse``).
+
+    A tile's logsumexp is ``max z - max log_softmax(z)`` (both at the largest logit, where
+    ``log_softmax`` is nearest 0), as PyTorch's ``log_softmax`` over the whole row would give it.
+    """
+
+    def __init__(self, p: LossProblem, n_tiles: int, n_rows: int, device: torch.device) -> None:
+        dtype = p.compute_dtype
+        self.tile_max = torch.empty(n_tiles, n_rows, dtype=dtype, device=device)
+        self.tile_lse = torch.empty(n_tiles, n_rows, dtype=torch.float64, device=device)
+        self.z_target = torch.zeros(n_rows, dtype=dtype, device=device)
+        self.tile_sum = torch.empty(n_tiles, n_rows, dtype=dtype, device=device) if p.label_smoothing else None
+
+    def add(self, k: int, z: Tensor, hit: Tensor, col: Tensor, dim: int) -> None:
+        """Tile ``k``'s logits ``z``, rows along ``dim`` (0: ``[rows, cols]``, 1: ``[cols, rows]``);
+        ``hit``, ``col``: the rows whose target it holds, and where."""
+        z_rows = z if dim == 0 else z.T
+        self.z_target[hit] = z_rows[hit, col]
+        if self.tile_sum is not None:
+            self.tile_sum[k] = z_rows.sum(1)
+        log_probs = torch.log_softmax(z, dim=1 - dim)
+        z_max = z.amax(1 - dim)  # -inf where a bias masks every column of the tile (log_softmax is NaN)
+        self.tile_max[k] = z_max
+        self.tile_lse[k] = torch.where(z_max == float("-inf"), z_max, z_max - log_probs.amax(1 - dim)).double()
+
+    def merge(self) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        """``(m, lse (fp64), z_target, z_sum)`` of each row."""
+        lse = torch.full_like(self.tile_lse[0], float("-inf"))
+        z_sum = None if self.tile_sum is None else torch.zeros_like(self.tile_sum[0])
+        for k in range(self.tile_lse.shape[0]):
+            lse = torch.logaddexp(lse, self.tile_lse[k])
+            if z_sum is not None:
+                z_sum += self.tile_sum[k]
+        return self.tile_max.amax(0), lse, self.z_target, z_sum
 
 
 def _forward(p: LossProblem) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
@@ -164,9 +282,8 @@ def _forward(p: LossProblem) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | N
 
     ``m`` is the largest logit of each row and ``s = logsumexp(z) - m``: the backward forms the
     softmax as ``exp((z - m) - s)``, as PyTorch's ``log_softmax`` does, each subtraction exact or
-    small, where ``exp(z - lse)`` would lose an ulp of ``lse``. Per ``[rows, cols]`` tile,
-    ``log_softmax`` into the second buffer gives the tile's logsumexp, ``max z - max log_softmax(z)``
-    (both at the largest logit, where ``log_softmax`` is nearest 0), merged across tiles in fp64.
+    small, where ``exp(z - lse)`` would lose an ulp of ``lse``. Each ``[rows, cols]`` tile gives its
+    largest logit and logsumexp per row (the workers' items); they merge in tile order, in fp64.
     """
     dtype = p.compute_dtype
     n, n_vocab = p.targets.shape[0], p.weight.shape[0]
@@ -177,25 +294,19 @@ def _forward(p: LossProblem) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | N
     valid = p.valid
     contiguous = bool(valid.all())
     idx = torch.arange(n, device=valid.device) if contiguous else valid.nonzero().squeeze(1)
-    step, width = forward_tile(p, idx.shape[0])
-    scratch = torch.empty(min(step, idx.shape[0]) * width, dtype=dtype, device=p.hidden.device)
+    threads = workers.threads_for(p.hidden.device)
+    step, width = forward_tile(p, idx.shape[0], threads)
     for pos, h, t in _row_blocks(p, idx, contiguous, step):
         h = h.to(dtype)
-        lse_rows = torch.full((h.shape[0],), float("-inf"), dtype=torch.float64, device=h.device)
-        m_rows = torch.full_like(lse_rows, float("-inf"), dtype=dtype)
-        z_target = torch.zeros_like(m_rows)
-        z_sum_rows = torch.zeros_like(m_rows) if z_sum is not None else None
-        for cols, hit, col in _col_blocks(t, n_vocab, width):
-            z = _capped(p, _linear(h, w[cols], None if b is None else b[cols]))
-            z_target[hit] = z[hit, col]
-            if z_sum_rows is not None:
-                z_sum_rows += z.sum(1)
-            log_probs = torch.log_softmax(z, dim=1, out=scratch[: z.numel()].view_as(z))
-            z_max = z.amax(1)  # -inf where a bias masks every column of the tile (log_softmax is NaN)
-            tile_lse = torch.where(z_max == float("-inf"), z_max, z_max - log_probs.amax(1)).double()
-            lse_rows = torch.logaddexp(lse_rows, tile_lse)
-            m_rows = torch.maximum(m_rows, z_max)
-            del z, log_probs
+        tiles = _col_blocks(t, n_vocab, width)
+        stats = _Stats(p, len(tiles), h.shape[0], h.device)
+
+        def item(k: int, h: Tensor = h, tiles: list = tiles, stats: _Stats = stats) -> None:
+            cols, hit, col = tiles[k]
+            stats.add(k, _capped(p, _linear(h, w[cols], None if b is None else b[cols])), hit, col, 0)
+
+        workers.run(item, len(tiles), threads)
+        m_rows, lse_rows, z_target, z_sum_rows = stats.merge()
         rows = pos if contiguous else idx[pos]
         m[rows] = m_rows
         s[rows] = (lse_rows - m_rows).to(dtype)
@@ -212,7 +323,9 @@ class _Grads:
     A tile holds ``softmax(z_i) - onehot(t_i)`` in column ``i``, times ``g_i`` when ``g`` differs
     per token; a ``g`` common to all tokens (reductions "mean", "sum") scales the products instead.
     The tile is contiguous, the operand layout oneDNN reads best for ``d W_c = tile @ h``;
-    ``(d h)^T = W_c^T @ tile`` copies one operand per tile.
+    ``(d h)^T = W_c^T @ tile`` copies one operand per tile. Tiles of different columns may run on
+    different workers: ``d W_c`` and ``d b_c`` are theirs alone, and ``(d h)^T`` has one partial
+    sum per group of tiles (`_groups`), added in order by `end_rows`.
     """
 
     def __init__(self, p: LossProblem, w: Tensor, b: Tensor | None, needs: tuple[bool, ...]) -> None:
@@ -225,34 +338,44 @@ class _Grads:
         self.dw = torch.empty(n_vocab, dim, dtype=dtype, device=w.device) if needs[1] else None
         self.db = torch.zeros(n_vocab, dtype=dtype, device=w.device) if needs[2] else None
         self.first_block = True
+        self.in_place = _in_place_products(w.device, dtype)
 
-    def start_rows(self, h: Tensor, scale: Tensor) -> None:
+    def start_rows(self, h: Tensor, scale: Tensor, n_groups: int) -> None:
         """A block of rows ``h`` begins; ``scale``: the common ``g`` ([1]), or ones when the tile holds ``g``."""
         self.h, self.scale = h, scale
-        self.dh_t = h.new_zeros(h.shape[1], h.shape[0]) if self.dh is not None else None
+        self.dh_t = h.new_zeros(n_groups, h.shape[1], h.shape[0]) if self.dh is not None else None
 
-    def add(self, dz_t: Tensor, cols: slice) -> None:
-        """One tile ``[cols, rows]``, contiguous."""
-        if self.dh_t is not None:
-            # oneDNN reads a transposed weight but wants its input contiguous: copy the smaller
-            # of the tile (as d z) and the slice of W (as W_c^T).
-            if dz_t.shape[1] < self.w.shape[1]:
-                self.dh_t.add_(_linear(dz_t.T.contiguous(), self.w[cols].T).T)
-            else:
-                self.dh_t.add_(_linear(self.w[cols].T.contiguous(), dz_t.T))
-        if self.dw is not None:
-            dw_tile = _linear(dz_t, self.h.T)
-            if self.first_block:
-                torch.mul(dw_tile, self.scale, out=self.dw[cols])
-            else:
-                self.dw[cols].addcmul_(dw_tile, self.scale)
+    def add(self, dz_t: Tensor, cols: slice, group: int) -> None:
+        """One tile ``[cols, rows]``, contiguous, of group ``group``."""
+        if self.in_place:
+            if self.dh_t is not None:
+                self.dh_t[group].addmm_(self.w[cols].T, dz_t)
+            if self.dw is not None:
+                if self.first_block:
+                    torch.mm(dz_t, self.h, out=self.dw[cols])
+                else:
+                    self.dw[cols].addmm_(dz_t, self.h)
+        else:
+            if self.dh_t is not None:
+                # oneDNN reads a transposed weight but wants its input contiguous: copy the smaller
+                # of the tile (as d z) and the slice of W (as W_c^T).
+                if dz_t.shape[1] < self.w.shape[1]:
+                    self.dh_t[group].add_(_linear(dz_t.T.contiguous(), self.w[cols].T).T)
+                else:
+                    self.dh_t[group].add_(_linear(self.w[cols].T.contiguous(), dz_t.T))
+            if self.dw is not None:
+                dw_tile = _linear(dz_t, self.h.T)
+                if self.first_block:
+                    self.dw[cols].copy_(dw_tile)
+                else:
+                    self.dw[cols].add_(dw_tile)
         if self.db is not None:
-            self.db[cols].addcmul_(dz_t.sum(1), self.scale)
+            self.db[cols].add_(dz_t.sum(1))
 
-    def end_rows(self, rows: Tensor) -> None:
+    def end_rows(self, rows: Tensor | slice) -> None:
         """The current block of rows is done: its ``d hidden`` goes to token indices ``rows``."""
         if self.dh is not None:
-            dh = self.dh_t.T * self.scale
+            dh = self.dh_t.sum(0).T * self.scale
             if self.rows_in_dh:  # the gathered rows are no longer needed
                 self.dh.zero_()
             self.dh[rows] = dh.to(self.dh.dtype)
@@ -262,11 +385,35 @@ class _Grads:
         """The gradients in the inputs' dtypes."""
         if self.first_block and self.dw is not None:  # no kept row: d W was never written
             self.dw.zero_()
+        if not self.first_block:  # d W and d b are sums over tiles without the common g: one pass
+            for x in (self.dw, self.db):
+                if x is not None:
+                    x.mul_(self.scale)
         return (
             self.dh,
             None if self.dw is None else self.dw.to(self.p.weight.dtype),
             None if self.db is None else self.db.to(self.p.bias.dtype),
         )
+
+
+def _dz_tile(
+    p: LossProblem, dz_t: Tensor, z_t: Tensor | None, hit: Tensor, col: Tensor, g: Tensor, a: Tensor | None,
+    common: bool,
+) -> Tensor:  # fmt: skip
+    """The softmax tile ``dz_t`` ``[cols, rows]`` made ``d z^T`` in place (see `_backward`); ``z_t``:
+    the capped logits, needed under a softcap. ``g``, ``a``: the block's rows' (or the common ``g``)."""
+    if a is None:
+        dz_t[col, hit] -= 1.0
+        if not common:
+            dz_t.mul_(g)
+    else:
+        dz_t.mul_(a)
+        dz_t[col, hit] -= (1 - p.label_smoothing) * g[hit]
+        if p.label_smoothing:
+            dz_t.sub_((p.label_smoothing / p.weight.shape[0]) * g)
+    if z_t is not None and p.softcap is not None:  # d cap(u) / du = 1 - tanh^2, tanh = z / c
+        dz_t.mul_(z_t.div_(p.softcap).square_().neg_().add_(1.0))
+    return dz_t
 
 
 def _backward(
@@ -278,50 +425,110 @@ def _backward(
 
     Tiles are ``[cols, rows]``: ``W_c @ h^T`` takes ``-m_i`` (the row's largest logit, from the
     forward) as the bias of column ``i``; then ``exp((z - m) - s)`` in place gives the softmax.
-    With a bias or a softcap, which come first, ``- m`` is a pass of its own.
+    With a bias or a softcap, which come first, ``- m`` is a pass of its own. The workers' items
+    are the groups of tiles of a block of rows.
     """
     dtype = p.compute_dtype
     w, b = grads.w, grads.b
     n_kept = kept_idx.shape[0]
     common = g.numel() == 1 and a is None
     scale = g if common else g.new_ones(1)
-    eps, n_vocab = p.label_smoothing, w.shape[0]
+    threads = workers.threads_for(p.hidden.device)
     # When one block holds every kept row, d hidden's storage can hold the gathered rows until
     # d hidden is written: one [rows, D] buffer fewer in the budget.
-    step, width = backward_tile(p, n_kept, 2)
+    step, width = backward_tile(p, n_kept, 1 + DH_GROUPS, threads)
     grads.rows_in_dh = grads.dh is not None and grads.dh.dtype == dtype and step == n_kept
     if not grads.rows_in_dh:
-        step, width = backward_tile(p, n_kept, 3)
+        step, width = backward_tile(p, n_kept, 2 + DH_GROUPS, threads)
     for pos, h, t in _row_blocks(p, kept_idx, False, step, out=grads.dh if grads.rows_in_dh else None):
         h = h.to(dtype)
         rows = kept_idx[pos]
         neg_m, s_rows = -m[rows], s[rows]
-        grads.start_rows(h, scale)
-        for cols, hit, col in _col_blocks(t, w.shape[0], width):
-            if b is None and p.softcap is None:
-                z_t = None
-                dz_t = _linear(w[cols], h, neg_m).sub_(s_rows).exp_()  # softmax^T
-            else:
-                z_t = _linear(w[cols], h)
-                if b is not None:
-                    z_t.add_(b[cols, None])
-                z_t = _capped(p, z_t)
-                dz_t = torch.add(z_t, neg_m).sub_(s_rows).exp_()
-            if a is None:
-                dz_t[col, hit] -= 1.0
-                if not common:
-                    dz_t.mul_(g[pos])
-            else:
-                g_rows = g[pos]
-                dz_t.mul_(a[pos])
-                dz_t[col, hit] -= (1 - eps) * g_rows[hit]
-                if eps:
-                    dz_t.sub_((eps / n_vocab) * g_rows)
-            if z_t is not None and p.softcap is not None:  # d cap(u) / du = 1 - tanh^2, tanh = z / c
-                dz_t.mul_(z_t.div_(p.softcap).square_().neg_().add_(1.0))
-            grads.add(dz_t, cols)
-            del z_t, dz_t
+        g_rows = g if common else g[pos]
+        a_rows = None if a is None else a[pos]
+        tiles = _col_blocks(t, w.shape[0], width)
+        groups = _groups(len(tiles))
+        grads.start_rows(h, scale, len(groups))
+
+        def item(j: int, h=h, neg_m=neg_m, s_rows=s_rows, g_rows=g_rows, a_rows=a_rows, tiles=tiles, groups=groups):
+            for k in groups[j]:
+                cols, hit, col = tiles[k]
+                if b is None and p.softcap is None:
+                    z_t = None
+                    dz_t = _linear(w[cols], h, neg_m).sub_(s_rows).exp_()  # softmax^T
+                else:
+                    z_t = _logits_t(p, w, b, h, cols)
+                    dz_t = torch.add(z_t, neg_m).sub_(s_rows).exp_()
+                grads.add(_dz_tile(p, dz_t, z_t, hit, col, g_rows, a_rows, common), cols, j)
+
+        workers.run(item, len(groups), threads)
         grads.end_rows(rows)
+
+
+def _single_pass(p: LossProblem, g: Tensor, grads: _Grads) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
+    """`_forward`'s ``(ce, m, s, lse, z_sum)`` and, into ``grads``, the gradients of every valid row for
+    the upstream ``g`` (``[1]``, common to all rows), from each block's logits held once: ``6 N D V``
+    flops where `_forward` then `_backward` take ``8 N D V``.
+
+    Per block of rows (`single_pass_tile`), the workers first form every ``[cols, rows]`` tile of
+    logits and its row statistics (as `_forward`), then, in groups of tiles, turn each into
+    ``d z^T`` in place (as `_backward`, with ``a_i = g (1 + 2 c lse_i)`` under z-loss or smoothing).
+    """
+    dtype = p.compute_dtype
+    n, n_vocab = p.targets.shape[0], p.weight.shape[0]
+    ce = torch.zeros(n, dtype=dtype, device=p.hidden.device)
+    m, s, lse = torch.zeros_like(ce), torch.zeros_like(ce), torch.zeros_like(ce)
+    z_sum = torch.zeros_like(ce) if p.label_smoothing else None
+    w, b = grads.w, grads.b
+    valid = p.valid
+    contiguous = bool(valid.all())
+    idx = torch.arange(n, device=valid.device) if contiguous else valid.nonzero().squeeze(1)
+    threads = workers.threads_for(p.hidden.device)
+    step, width = single_pass_tile(p, idx.shape[0])
+    for pos, h, t in _row_blocks(p, idx, contiguous, step):
+        h = h.to(dtype)
+        tiles = _col_blocks(t, n_vocab, width)
+        stats = _Stats(p, len(tiles), h.shape[0], h.device)
+        logits: list[Tensor | None] = [None] * len(tiles)
+
+        def first(k: int, h: Tensor = h, tiles: list = tiles, stats: _Stats = stats, logits: list = logits) -> None:
+            cols, hit, col = tiles[k]
+            logits[k] = _logits_t(p, w, b, h, cols)
+            stats.add(k, logits[k], hit, col, 1)
+
+        workers.run(first, len(tiles), threads)
+        m_rows, lse_rows, z_target, z_sum_rows = stats.merge()
+        rows = pos if contiguous else idx[pos]
+        s_rows = (lse_rows - m_rows).to(dtype)
+        m[rows], s[rows] = m_rows, s_rows
+        ce[rows] = (lse_rows - z_target).to(dtype)
+        lse[rows] = lse_rows.to(dtype)
+        if z_sum is not None:
+            z_sum[rows] = z_sum_rows
+        a_rows = None
+        g_rows = g
+        if p.z_loss or p.label_smoothing:
+            g_rows = g.expand(h.shape[0])
+            a_rows = g_rows * (1 + 2 * p.z_loss * lse[rows]) if p.z_loss else g_rows
+        common = a_rows is None
+        groups = _groups(len(tiles))
+        grads.start_rows(h, g if common else g.new_ones(1), len(groups))
+        neg_m = -m_rows
+
+        def second(j: int, tiles=tiles, logits=logits, groups=groups, neg_m=neg_m, s_rows=s_rows, g_rows=g_rows,
+                   a_rows=a_rows, common=common) -> None:  # fmt: skip
+            for k in groups[j]:
+                cols, hit, col = tiles[k]
+                z_t, logits[k] = logits[k], None
+                if p.softcap is None:  # the tile itself becomes the softmax
+                    dz_t, z_t = z_t.add_(neg_m).sub_(s_rows).exp_(), None
+                else:
+                    dz_t = torch.add(z_t, neg_m).sub_(s_rows).exp_()
+                grads.add(_dz_tile(p, dz_t, z_t, hit, col, g_rows, a_rows, common), cols, j)
+
+        workers.run(second, len(groups), threads)
+        grads.end_rows(rows)
+    return ce, m, s, lse, z_sum
 
 
 def _top_k(p: LossProblem):
@@ -336,10 +543,8 @@ def _top_k(p: LossProblem):
     return top_k
 
 
-def loss_forward(p: LossProblem) -> tuple[Tensor, ...]:
-    """Steps 1 to 6: ``(loss, ce, excess, kept, threshold, n_kept, n_valid, weight, weight_sum, lse, aux)``,
-    ``aux = [m; s]``."""
-    ce, m, s, lse, z_sum = _forward(p)
+def _outputs(p: LossProblem, ce: Tensor, m: Tensor, s: Tensor, lse: Tensor, z_sum: Tensor | None) -> tuple[Tensor, ...]:
+    """Steps 4 to 6 after the per-token statistics: the operator's outputs (see `loss_forward`)."""
     valid = p.valid
     ref = reference_loss(p)
     excess = ce.clone() if ref is None else torch.where(valid, ce - ref, torch.zeros_like(ce))
@@ -348,6 +553,31 @@ def loss_forward(p: LossProblem) -> tuple[Tensor, ...]:
     per_token = torch.where(kept, term * weight if p.weighted else term, torch.zeros_like(ce))
     loss = reduce_loss(p, per_token, weight_sum)
     return loss, ce, excess, kept, threshold, n_kept, n_valid, weight, weight_sum, lse, torch.stack([m, s])
+
+
+def loss_forward(p: LossProblem) -> tuple[Tensor, ...]:
+    """Steps 1 to 6: ``(loss, ce, excess, kept, threshold, n_kept, n_valid, weight, weight_sum, lse, aux)``,
+    ``aux = [m; s]``."""
+    return _outputs(p, *_forward(p))
+
+
+def single_pass_applies(p: LossProblem) -> bool:
+    """Whether every valid token is kept with weight 1 and the upstream gradient is one value: plain
+    cross-entropy (``keep_ratio=1``), reduction "mean" or "sum", within one process's tokens."""
+    plain = p.keep_ratio >= 1 and p.selection == "topk" and not p.weighted
+    n = p.targets.shape[0]
+    fits = single_pass_tile(p, n)[0] >= min(n, MIN_SINGLE_PASS_ROWS)
+    return plain and fits and p.reduction != "none" and p.scope != "global"
+
+
+def loss_single_pass(p: LossProblem, needs: tuple[bool, ...]) -> tuple[Tensor, ...]:
+    """`loss_forward`'s outputs, then ``(d hidden, d weight, d bias)`` for an upstream gradient of 1
+    (None where not needed), from `_single_pass`; only where `single_pass_applies`."""
+    dtype = p.compute_dtype
+    grads = _Grads(p, *_head(p), needs)
+    g = upstream(p, torch.ones((), dtype=dtype, device=p.hidden.device), p.valid.sum().reshape(1), dtype)
+    outputs = _outputs(p, *_single_pass(p, g, grads))
+    return (*outputs, *grads.result())
 
 
 def loss_backward(
@@ -374,11 +604,13 @@ _OPS = define(
     loss_backward,
     lambda p: _forward(p)[0].float(),
     lambda hidden: hidden.new_empty(2, hidden.shape[0], dtype=torch.promote_types(hidden.dtype, torch.float32)),
+    single_pass=(single_pass_applies, loss_single_pass),
 )
 
 
 def selective_loss(p: LossProblem) -> tuple[Tensor, Tensor, SelectionStats]:
-    """The contract's loss; autograd runs the kept-rows-only backward."""
+    """The contract's loss; autograd runs the kept-rows-only backward, or for plain cross-entropy with
+    gradients needed, the forward forms them (`loss_single_pass`)."""
     return _OPS.selective_loss(p)
 
 

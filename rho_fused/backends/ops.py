@@ -69,9 +69,20 @@ class FusedBackend:
 
     loss_op: Callable
     token_losses_op: Callable
+    single_pass_op: Callable | None = None
+    single_pass_applies: Callable[[LossProblem], bool] | None = None
 
     def selective_loss(self, p: LossProblem) -> tuple[Tensor, Tensor, SelectionStats]:
-        out = dict(zip(OUTPUTS, self.loss_op(*_args(p)), strict=True))
+        needs = [t is not None and t.requires_grad for t in (p.hidden, p.weight, p.bias)]
+        one_pass = (
+            self.single_pass_op is not None
+            and torch.is_grad_enabled()
+            and any(needs)
+            and not torch.compiler.is_compiling()
+            and self.single_pass_applies(p)
+        )
+        outputs = self.single_pass_op(*_args(p), needs)[: len(OUTPUTS)] if one_pass else self.loss_op(*_args(p))
+        out = dict(zip(OUTPUTS, outputs, strict=True))
         loss = out["loss"].view(p.shape) if p.reduction == "none" else out["loss"]
         names = ("ce", "excess", "kept", "threshold", "n_kept", "n_valid", "lse", "weight", "weight_sum")
         stats = make_stats(p, *(out[k] for k in names))
@@ -81,8 +92,20 @@ class FusedBackend:
         return self.token_losses_op(p.hidden, p.weight, p.bias, p.targets, p.ignore_index, p.softcap)
 
 
-def define(name: str, forward: Forward, backward: Backward, token_losses: Callable, aux_like: Callable) -> FusedBackend:
-    """Register backend ``name``'s operators; ``aux_like(hidden) -> Tensor`` gives ``aux``'s shape and dtype."""
+def define(
+    name: str,
+    forward: Forward,
+    backward: Backward,
+    token_losses: Callable,
+    aux_like: Callable,
+    single_pass: tuple[Callable[[LossProblem], bool], Callable[..., tuple[Tensor, ...]]] | None = None,
+) -> FusedBackend:
+    """Register backend ``name``'s operators; ``aux_like(hidden) -> Tensor`` gives ``aux``'s shape and dtype.
+
+    ``single_pass = (applies, forward_and_grads)``: where ``applies(p)`` and a gradient is needed,
+    ``forward_and_grads(p, needs)`` gives `forward`'s outputs and the gradients for an upstream
+    gradient of 1, which the backward scales (operator ``rho_fused::<name>_loss_single_pass``).
+    """
     qual = f"rho_fused::{name}"
 
     @torch.library.custom_op(f"{qual}_loss", mutates_args=())
@@ -116,8 +139,8 @@ def define(name: str, forward: Forward, backward: Backward, token_losses: Callab
             return tuple(forward(p))
 
     @loss_op.register_fake
-    def _(hidden, weight, bias, targets, ref_loss, token_weights, uniform, keep_ratio, ignore_index, reduction,
-          scope, groups, *_rest):  # fmt: skip
+    def loss_fake(hidden, weight, bias, targets, ref_loss, token_weights, uniform, keep_ratio, ignore_index,
+                  reduction, scope, groups, *_rest):  # fmt: skip
         n, compute = targets.shape[0], torch.promote_types(hidden.dtype, torch.float32)
         return (
             hidden.new_empty(n if reduction == "none" else (), dtype=compute),  # loss
@@ -218,6 +241,74 @@ def define(name: str, forward: Forward, backward: Backward, token_losses: Callab
 
     loss_op.register_autograd(loss_backward, setup_context=setup_context)
 
+    if single_pass is None:
+        return_single = None
+    else:
+        applies, forward_and_grads = single_pass
+
+        @torch.library.custom_op(f"{qual}_loss_single_pass", mutates_args=())
+        def single_pass_op(
+            hidden: Tensor,
+            weight: Tensor,
+            bias: Tensor | None,
+            targets: Tensor,
+            ref_loss: Tensor | None,
+            token_weights: Tensor | None,
+            uniform: Tensor | None,
+            keep_ratio: float,
+            ignore_index: int,
+            reduction: str,
+            scope: str,
+            groups: int,
+            softcap: float | None,
+            ref_reduce: str,
+            selection: str,
+            weighting: str,
+            threshold: float,
+            temperature: float,
+            z_loss: float,
+            label_smoothing: float,
+            group_name: str | None,
+            needs: list[bool],
+        ) -> tuple[  # OUTPUTS, then d hidden, d weight, d bias
+            Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
+            Tensor, Tensor, Tensor,
+        ]:  # fmt: skip
+            args = locals()
+            p = _problem(group_name, **{k: args[k] for k in TENSORS + SCALARS})
+            check_values(p)
+            with torch.autocast(hidden.device.type, enabled=False):
+                out = forward_and_grads(p, (needs[0], needs[1], needs[2] and bias is not None))
+            return tuple(hidden.new_empty(0) if x is None else x for x in out)
+
+        @single_pass_op.register_fake
+        def _(*args):
+            hidden, weight, bias, needs = args[0], args[1], args[2], args[-1]
+            grads = (
+                torch.empty_like(hidden) if needs[0] else hidden.new_empty(0),
+                torch.empty_like(weight) if needs[1] else hidden.new_empty(0),
+                torch.empty_like(bias) if needs[2] and bias is not None else hidden.new_empty(0),
+            )
+            return (*loss_fake(*args[:-1]), *grads)
+
+        def single_pass_setup(ctx, inputs, output) -> None:
+            setup_context(ctx, inputs[:-1], output[: len(OUTPUTS)])
+            ctx.grads = output[len(OUTPUTS) :]  # for an upstream gradient of 1; used once
+
+        def single_pass_backward(ctx, *grads):
+            grad_loss, grad_lse = grads[0], grads[OUTPUTS.index("lse")]
+            if grad_loss is None or grad_lse is not None or ctx.grads is None:
+                # lse has a gradient too, or a second backward (retain_graph): the two-pass backward
+                return (*loss_backward(ctx, *grads[: len(OUTPUTS)]), None)
+            dh, dw, db = ctx.grads
+            ctx.grads = None
+            needs = ctx.needs_input_grad[:3]
+            scaled = [x.mul_(grad_loss.to(x.dtype)) if y else None for x, y in zip((dh, dw, db), needs, strict=True)]
+            return (*scaled, *(None,) * (len(TENSORS) + len(SCALARS) + 1 - 3), None)
+
+        single_pass_op.register_autograd(single_pass_backward, setup_context=single_pass_setup)
+        return_single = single_pass_op
+
     def no_double_backward(ctx, *_grads):
         # Reached only when a gradient of the gradient is asked for (create_graph=True, then backward).
         raise RuntimeError(
@@ -243,4 +334,4 @@ def define(name: str, forward: Forward, backward: Backward, token_losses: Callab
     def _(hidden, weight, bias, targets, ignore_index, softcap):
         return hidden.new_empty(targets.shape[0], dtype=torch.float32)
 
-    return FusedBackend(loss_op, token_losses_op)
+    return FusedBackend(loss_op, token_losses_op, return_single, None if single_pass is None else single_pass[0])
