@@ -1,4 +1,4 @@
-"""Pure-PyTorch backend that never holds more than one tile of logits.
+"""Pure-PyTorch backend that never holds the ``[N, V]`` logits.
 
 Forward: valid tokens in blocks of rows, the vocabulary in blocks of columns; each tile's
 ``logsumexp`` is merged into a running one per row and the tile is dropped, giving ``ce``, each
@@ -14,18 +14,27 @@ smoothing ``eps`` or a gradient ``g_lse`` of the returned logsumexp, per row,
 
     d z_i = a_i softmax(z_i) - g_i ((1 - eps) onehot(t_i) + eps / V),   a_i = g_i (1 + 2 c lse_i) + g_lse_i
 
+Plain cross-entropy (every valid token kept, reduction "mean" or "sum") with a gradient needed
+takes one pass instead (`loss_single_pass`): a block of rows' logits over the whole vocabulary is
+held while its gradients are formed, ``6 N D V`` flops instead of ``8 N D V``; the backward then
+scales them by the upstream gradient.
+
 How it stays near the matmul floor ``(2 + 6 r) N D V`` (measurements in ``bench/NOTES.md``):
 
+- The tiles of a block are work items for `workers`: as many threads as ``torch.get_num_threads()``,
+  one OpenMP thread each, taking the next tile when done. Beside a busy process, an operator
+  split across all threads waits at its end for a descheduled one, and thousands of them did.
+  Items write their own slots, merged in tile order, so results are bitwise those of one thread.
 - Tiles span many rows and few vocabulary columns, within a memory budget for each pass: every
   product then has long dimensions (``h @ W_c^T``, ``d z_c^T @ h`` over a block of hundreds of
-  rows, ``W_c^T @ d z_c^T``), which the GEMM runs near its peak. A block of few rows against the
-  whole vocabulary instead makes it re-pack all of ``W`` for a few rows' worth of work. The
-  backward's budget is the smaller: it runs while the gradients (``V x D``) are held too.
-- On CPU in fp32, products go through oneDNN where this torch has it; it runs these shapes at
-  about twice the rate of MKL's ``torch.mm`` on AVX-512 machines.
+  rows, ``W_c^T @ d z_c^T``), which the GEMM runs near its peak. The backward's budget is the
+  smaller: it runs while the gradients (``V x D``) are held too.
+- ``d W`` and ``d hidden`` accumulate in place (``addmm_``) unless oneDNN's product then an add is
+  faster on this CPU (measured once per process): oneDNN ran fp32 products about twice as fast as
+  MKL on AMD EPYC, and even with it on Intel Xeon.
 - Backward tiles are ``[cols, rows]``, so ``-m`` of each row is the product's bias and
-  ``exp_((z - m) - s)`` in place gives the softmax; a ``g`` common to all tokens scales the products' outputs,
-  never the tile (per-token ``g``, for reduction "none", costs one pass over each tile).
+  ``exp_((z - m) - s)`` in place gives the softmax; a ``g`` common to all tokens scales the sums
+  once at the end, never the tile (per-token ``g``, for reduction "none", costs one pass over each tile).
 - Rows are views of ``hidden`` when every token is valid; otherwise one gather per block of rows.
   When one block holds every kept row, the backward gathers them into ``d hidden``'s storage,
   which is free until ``d hidden`` is written at the end.
@@ -321,9 +330,10 @@ class _Grads:
     """``d hidden``, ``d W``, ``d bias`` (those needed), accumulated one ``[cols, rows]`` tile at a time.
 
     A tile holds ``softmax(z_i) - onehot(t_i)`` in column ``i``, times ``g_i`` when ``g`` differs
-    per token; a ``g`` common to all tokens (reductions "mean", "sum") scales the products instead.
-    The tile is contiguous, the operand layout oneDNN reads best for ``d W_c = tile @ h``;
-    ``(d h)^T = W_c^T @ tile`` copies one operand per tile. Tiles of different columns may run on
+    per token; a ``g`` common to all tokens (reductions "mean", "sum") scales the sums once instead
+    (``d hidden`` per block, ``d W`` and ``d b`` at the end). In place, ``d W_c += tile @ h`` and
+    ``(d h)^T += W_c^T @ tile``; through oneDNN, the tile is the operand layout it reads best for
+    ``d W_c``, and ``(d h)^T`` copies one operand per tile. Tiles of different columns may run on
     different workers: ``d W_c`` and ``d b_c`` are theirs alone, and ``(d h)^T`` has one partial
     sum per group of tiles (`_groups`), added in order by `end_rows`.
     """
