@@ -28,7 +28,8 @@ def small_chunks(monkeypatch):
 
 
 def small_single_pass(monkeypatch, rows: int, cols: int) -> None:
-    """The one-pass path in blocks of ``rows`` rows (V = 97, D = 24, fp32 or lower) and tiles of ``cols`` columns."""
+    """The one-pass path by tiles in blocks of ``rows`` rows (V = 97, D = 24, fp32 or lower) and tiles
+    of ``cols`` columns; by rows, in blocks of ``rows`` rows over 3 buffers or fewer."""
     monkeypatch.setattr(chunked, "SINGLE_PASS_BUDGET_BYTES", rows * (97 + (chunked.DH_GROUPS + 1) * 24) * 4)
     monkeypatch.setattr(chunked, "SINGLE_PASS_BUDGET_OF_DW", 0.0)
     monkeypatch.setattr(chunked, "SINGLE_PASS_BUDGET_OF_LOGITS", 1.0)
@@ -38,17 +39,20 @@ def small_single_pass(monkeypatch, rows: int, cols: int) -> None:
 
 
 class CountSinglePass:
-    """Counts the one-pass path's calls (monkeypatched over `chunked._single_pass`)."""
+    """Counts the one-pass path's calls (by rows or by tiles, monkeypatched over `chunked._single_pass_rows`
+    and `chunked._single_pass`); a call of the other path fails."""
 
-    def __init__(self, monkeypatch) -> None:
+    def __init__(self, monkeypatch, path: str = "rows") -> None:
         self.calls = 0
-        inner = chunked._single_pass
+        for name, which in (("_single_pass_rows", "rows"), ("_single_pass", "tiles")):
+            inner = getattr(chunked, name)
 
-        def counted(*args):
-            self.calls += 1
-            return inner(*args)
+            def counted(*args, inner=inner, which=which):
+                assert which == path, f"the one pass ran by {which}, not by {path}"
+                self.calls += 1
+                return inner(*args)
 
-        monkeypatch.setattr(chunked, "_single_pass", counted)
+            monkeypatch.setattr(chunked, name, counted)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -58,10 +62,14 @@ class CountSinglePass:
     [{}, {"bias": True}, {"z_loss": 1e-3}, {"label_smoothing": 0.1}, {"z_loss": 1e-2, "label_smoothing": 0.2}],
     ids=str,
 )
-def test_single_pass(monkeypatch, dtype, reduction, variant):
-    """Plain CE with gradients needed forms them in the forward, block by block (9 rows, 16 columns,
-    8 groups of tiles), as close to the fp64 truth as PyTorch, strided hidden and ignored tokens too."""
-    count = CountSinglePass(monkeypatch)
+@pytest.mark.parametrize("path", ["rows", "tiles"])
+def test_single_pass(monkeypatch, dtype, reduction, variant, path):
+    """Plain CE with gradients needed forms them in the forward, block by block (by rows: 9 rows and
+    2 threads' stripes; by tiles, as on a CPU where oneDNN's products win: 9 rows, 16 columns, 8
+    groups of tiles), as close to the fp64 truth as PyTorch, strided hidden and ignored tokens too."""
+    if path == "tiles":
+        monkeypatch.setattr(chunked, "IN_PLACE_PRODUCTS", False)
+    count = CountSinglePass(monkeypatch, path)
     options = dict(variant)
     case = make_case((5, 13), 24, 97, seed=len(str(variant)) + 7, bias=options.pop("bias", False), ref="none")
     case = replace(case, hidden=case.hidden.transpose(0, 1).contiguous().transpose(0, 1))  # strided [5, 13, 24]

@@ -62,14 +62,15 @@ FORWARD_BUDGET_BYTES = 4 * 2**20
 # BACKWARD_BUDGET_OF_DW of d W's bytes, which the step holds anyway.
 BACKWARD_BUDGET_BYTES = 8 * 2**20
 BACKWARD_BUDGET_OF_DW = 1 / 8
-# The one-pass path (every valid token kept, gradients formed in the forward) holds a block of rows'
-# logits over the whole vocabulary: SINGLE_PASS_BUDGET_BYTES, or SINGLE_PASS_BUDGET_OF_DW of d W's
-# bytes if more, but at most SINGLE_PASS_BUDGET_OF_LOGITS of all N x V logits' (naive PyTorch's
-# step holds two to three times those), and at least SINGLE_PASS_SMALL_BYTES. It is taken when a
-# block then has MIN_SINGLE_PASS_ROWS rows (or all of them): with fewer, re-reading W for every
-# block cost more than the recompute it saves (bench/NOTES.md).
-SINGLE_PASS_BUDGET_BYTES = 32 * 2**20
-SINGLE_PASS_BUDGET_OF_DW = 1 / 2
+# The one-pass path (every valid token kept, gradients formed in the forward) holds blocks of rows'
+# logits over the whole vocabulary (one per worker and one more, by rows; one, by tiles): in all
+# SINGLE_PASS_BUDGET_BYTES, or up to d W's bytes (SINGLE_PASS_BUDGET_OF_DW) if more, but at most
+# SINGLE_PASS_BUDGET_OF_LOGITS of all N x V logits' (naive PyTorch's step holds two to three times
+# those), and at least SINGLE_PASS_SMALL_BYTES. It is taken when a block then has
+# MIN_SINGLE_PASS_ROWS rows (or all of them): with fewer, re-reading W for every block cost more
+# than the recompute it saves (bench/NOTES.md).
+SINGLE_PASS_BUDGET_BYTES = 64 * 2**20
+SINGLE_PASS_BUDGET_OF_DW = 1.0
 SINGLE_PASS_BUDGET_OF_LOGITS = 1 / 5
 SINGLE_PASS_SMALL_BYTES = 4 * 2**20
 MIN_SINGLE_PASS_ROWS = 128
@@ -541,6 +542,112 @@ def _single_pass(p: LossProblem, g: Tensor, grads: _Grads) -> tuple[Tensor, Tens
     return ce, m, s, lse, z_sum
 
 
+def single_pass_rows(p: LossProblem, n_rows: int, threads: int) -> int:
+    """Rows per block of `_single_pass_rows`: ``threads + 1`` blocks' logits over the whole
+    vocabulary fit the one-pass budget (``SINGLE_PASS_BUDGET_BYTES``); 0 where that is under
+    ``MIN_SINGLE_PASS_ROWS`` (and under ``n_rows``)."""
+    n_vocab, dim = p.weight.shape[0], p.weight.shape[1]
+    size = p.compute_dtype.itemsize
+    budget = max(SINGLE_PASS_BUDGET_BYTES, int(n_vocab * dim * size * SINGLE_PASS_BUDGET_OF_DW))
+    budget = max(SINGLE_PASS_SMALL_BYTES, min(budget, int(n_rows * n_vocab * size * SINGLE_PASS_BUDGET_OF_LOGITS)))
+    buffers = threads + 1 if threads > 1 else 1
+    rows = _even(n_rows, budget // (size * max(1, n_vocab) * buffers))
+    return rows if rows >= min(n_rows, MIN_SINGLE_PASS_ROWS) else 0
+
+
+def _single_pass_rows(
+    p: LossProblem, g: Tensor, needs: tuple[bool, ...], rows: int, threads: int
+) -> tuple[tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None], tuple[Tensor | None, ...]]:
+    """`_single_pass` by whole blocks of rows (no softcap; products through ``addmm_``): a worker
+    forms a block's ``[rows, V]`` logits, their softmax and ``d z`` in place, and ``d hidden = d z @ W``
+    of its rows; then ``d W`` and ``d b`` add each block's ``d z^T h`` in block order, in vocabulary
+    stripes that different workers may take (`workers.run_blocks`). ``(ce, m, s, lse, z_sum)``, grads.
+    """
+    dtype = p.compute_dtype
+    n, n_vocab = p.targets.shape[0], p.weight.shape[0]
+    device = p.hidden.device
+    ce = torch.zeros(n, dtype=dtype, device=device)
+    m, s, lse = torch.zeros_like(ce), torch.zeros_like(ce), torch.zeros_like(ce)
+    z_sum = torch.zeros_like(ce) if p.label_smoothing else None
+    w, b = _head(p)
+    valid = p.valid
+    contiguous = bool(valid.all())
+    idx = torch.arange(n, device=device) if contiguous else valid.nonzero().squeeze(1)
+    blocks = [slice(start, min(start + rows, idx.shape[0])) for start in range(0, idx.shape[0], rows)]
+    n_buffers = threads + 1 if threads > 1 else 1
+    buffers = [torch.empty(min(rows, idx.shape[0]), n_vocab, dtype=dtype, device=device) for _ in range(n_buffers)]
+    stripes = [
+        range(n_vocab)[k * n_vocab // (2 * threads) : (k + 1) * n_vocab // (2 * threads)] for k in range(2 * threads)
+    ]
+    stripes = [slice(r.start, r.stop) for r in stripes if len(r)]
+    dh = torch.zeros_like(p.hidden, dtype=dtype) if needs[0] else None
+    dw = torch.empty(n_vocab, w.shape[1], dtype=dtype, device=device) if needs[1] else None
+    db = torch.empty(n_vocab, dtype=dtype, device=device) if needs[2] else None
+    rows_of: dict[int, Tensor] = {}
+    smooth, z_loss = p.label_smoothing, p.z_loss
+    common = not (smooth or z_loss)  # else d z holds g (per-row coefficients)
+
+    def compute(k: int, buffer: int) -> None:
+        pos = blocks[k]
+        at = pos if contiguous else idx[pos]
+        h = p.hidden[at].to(dtype)
+        t = p.targets[at]
+        z = buffers[buffer][: h.shape[0]]
+        if b is None:
+            torch.mm(h, w.T, out=z)
+        else:
+            torch.addmm(b, h, w.T, out=z)
+        arange = torch.arange(h.shape[0], device=device)
+        z_target = z[arange, t]
+        if z_sum is not None:
+            z_sum[at] = z.sum(1)
+        m_rows = z.amax(1)
+        total = z.sub_(m_rows[:, None]).exp_().sum(1)
+        lse_rows = m_rows.double() + total.double().log()
+        z.div_(total[:, None])  # softmax
+        m[at], s[at] = m_rows, total.log()
+        ce[at] = (lse_rows - z_target).to(dtype)
+        lse[at] = lse_rows.to(dtype)
+        if common:
+            z[arange, t] -= 1.0
+        else:
+            a = g * (1 + 2 * z_loss * lse[at]) if z_loss else g.expand(h.shape[0])
+            z.mul_(a[:, None])
+            z[arange, t] -= (1 - smooth) * g
+            if smooth:
+                z.sub_((smooth / n_vocab) * g)
+        if dh is not None:
+            if contiguous:
+                torch.mm(z, w, out=dh[pos])
+            else:
+                dh[at] = z @ w
+        rows_of[buffer] = h  # until every stripe has this block, when the buffer is free again
+
+    def commit(k: int, stripe: int, buffer: int) -> None:
+        cols = stripes[stripe]
+        dz = buffers[buffer][: blocks[k].stop - blocks[k].start, cols]
+        h = rows_of[buffer]
+        if dw is not None:
+            if k == 0:
+                torch.mm(dz.T, h, out=dw[cols])
+            else:
+                dw[cols].addmm_(dz.T, h)
+        if db is not None:
+            if k == 0:
+                torch.sum(dz, 0, out=db[cols])
+            else:
+                db[cols] += dz.sum(0)
+
+    workers.run_blocks(compute, commit, len(blocks), len(stripes), n_buffers, threads)
+    if not blocks:
+        for x in (dw, db):
+            if x is not None:
+                x.zero_()
+    scale = g if common else g.new_ones(1)
+    grads = tuple(None if x is None else x.mul_(scale) for x in (dh, dw, db))
+    return (ce, m, s, lse, z_sum), grads
+
+
 def _top_k(p: LossProblem):
     """Top-k within each selection group of ``p`` (the flattened tokens), for `choose`."""
 
@@ -582,10 +689,19 @@ def single_pass_applies(p: LossProblem) -> bool:
 
 def loss_single_pass(p: LossProblem, needs: tuple[bool, ...]) -> tuple[Tensor, ...]:
     """`loss_forward`'s outputs, then ``(d hidden, d weight, d bias)`` for an upstream gradient of 1
-    (None where not needed), from `_single_pass`; only where `single_pass_applies`."""
+    (None where not needed); only where `single_pass_applies`. By whole blocks of rows
+    (`_single_pass_rows`) where products go in place and there is no softcap, else by tiles
+    (`_single_pass`)."""
     dtype = p.compute_dtype
-    grads = _Grads(p, *_head(p), needs)
     g = upstream(p, torch.ones((), dtype=dtype, device=p.hidden.device), p.valid.sum().reshape(1), dtype)
+    threads = workers.threads_for(p.hidden.device)
+    rows = single_pass_rows(p, p.targets.shape[0], threads)
+    if rows and p.softcap is None and _in_place_products(p.hidden.device, dtype):
+        stats, (dh, dw, db) = _single_pass_rows(p, g, needs, rows, threads)
+        dw = None if dw is None else dw.to(p.weight.dtype)
+        db = None if db is None else db.to(p.bias.dtype)
+        return (*_outputs(p, *stats), dh, dw, db)
+    grads = _Grads(p, *_head(p), needs)
     outputs = _outputs(p, *_single_pass(p, g, grads))
     return (*outputs, *grads.result())
 

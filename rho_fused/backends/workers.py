@@ -93,3 +93,88 @@ def run(item: Callable[[int], None], n_items: int, threads: int) -> None:
     for error in errors:
         if error is not None:
             raise error
+
+
+def run_blocks(
+    compute: Callable[[int, int], None],
+    commit: Callable[[int, int, int], None],
+    n_blocks: int,
+    n_stripes: int,
+    n_buffers: int,
+    threads: int,
+) -> None:
+    """``compute(b, buffer)`` for every block ``b``, then ``commit(b, s, buffer)`` for each stripe ``s``.
+
+    A block is computed into one of ``n_buffers`` buffers, by any worker, in any order; its commits
+    into stripe ``s`` (a sum over blocks) run in block order, one at a time per stripe, so each
+    stripe's sum is added up in the same order whoever runs it. The buffer is free again once every
+    stripe has the block. Workers commit first, compute when a buffer is free, else wait. One
+    thread: block by block, in order.
+    """
+    if threads <= 1 or n_blocks <= 1:
+        for b in range(n_blocks):
+            compute(b, 0)
+            for s in range(n_stripes):
+                commit(b, s, 0)
+        return
+    pool = _get_pool(threads)
+    state = threading.Condition()
+    free = list(range(n_buffers))
+    buffer_of: dict[int, int] = {}
+    ready: set[int] = set()
+    next_block, next_commit, busy = [0], [0] * n_stripes, [False] * n_stripes
+    left = [n_stripes] * n_blocks
+    failed: list[BaseException] = []
+
+    def take() -> tuple | None:
+        """The next job, under ``state``: a commit that may run, else a block to compute, else None."""
+        for s in range(n_stripes):
+            b = next_commit[s]
+            if b < n_blocks and not busy[s] and b in ready:
+                busy[s] = True
+                return commit, b, s, buffer_of[b]
+        if next_block[0] < n_blocks and free:
+            b = next_block[0]
+            next_block[0] += 1
+            buffer_of[b] = free.pop()
+            return compute, b, buffer_of[b]
+        return None
+
+    def done(job: tuple) -> None:
+        if job[0] is compute:
+            ready.add(job[1])
+            return
+        b, s = job[1], job[2]
+        busy[s] = False
+        next_commit[s] += 1
+        left[b] -= 1
+        if not left[b]:
+            free.append(buffer_of.pop(b))
+
+    def work() -> None:
+        with torch.no_grad():
+            while True:
+                with state:
+                    while True:
+                        if failed or all(c == n_blocks for c in next_commit):
+                            return
+                        job = take()
+                        if job is not None:
+                            break
+                        state.wait()
+                try:
+                    job[0](*job[1:])
+                except BaseException as error:
+                    with state:
+                        failed.append(error)
+                        state.notify_all()
+                    raise
+                with state:
+                    done(job)
+                    state.notify_all()
+
+    futures = [pool.submit(work) for _ in range(threads)]
+    for future in futures:
+        future.exception()
+    if failed:
+        raise failed[0]
