@@ -543,7 +543,7 @@ def _single_pass(p: LossProblem, g: Tensor, grads: _Grads) -> tuple[Tensor, Tens
 
 
 def single_pass_rows(p: LossProblem, n_rows: int, threads: int) -> int:
-    """Rows per block of `_single_pass_rows`: ``threads + 1`` blocks' logits over the whole
+    """Rows per block of `_single_pass_rows` over ``n_rows`` rows: ``threads + 1`` blocks' logits over the whole
     vocabulary fit the one-pass budget (``SINGLE_PASS_BUDGET_BYTES``); 0 where that is under
     ``MIN_SINGLE_PASS_ROWS`` (and under ``n_rows``)."""
     n_vocab, dim = p.weight.shape[0], p.weight.shape[1]
@@ -698,6 +698,7 @@ def loss_single_pass(p: LossProblem, needs: tuple[bool, ...]) -> tuple[Tensor, .
     rows = single_pass_rows(p, p.targets.shape[0], threads)
     if rows and p.softcap is None and _in_place_products(p.hidden.device, dtype):
         stats, (dh, dw, db) = _single_pass_rows(p, g, needs, rows, threads)
+        dh = None if dh is None else dh.to(p.hidden.dtype)
         dw = None if dw is None else dw.to(p.weight.dtype)
         db = None if db is None else db.to(p.bias.dtype)
         return (*_outputs(p, *stats), dh, dw, db)
