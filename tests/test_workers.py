@@ -115,6 +115,12 @@ def test_run_blocks_commits_each_stripe_in_block_order():
     assert set(pending) <= {0, 1, 2} and not any(pending.values())
 
 
+def test_run_blocks_without_stripes_computes_every_block():
+    computed: list[int] = []
+    workers.run_blocks(lambda b, buffer: computed.append(b), lambda *_: None, 5, 0, 3, 2)
+    assert sorted(computed) == list(range(5))
+
+
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="fork is POSIX")
 def test_forked_child_starts_its_own_workers():
     workers.run(lambda k: None, 4, 2)  # the parent's pool exists

@@ -134,15 +134,21 @@ def backward_tile(p: LossProblem, n_rows: int, row_buffers: int = 2 + DH_GROUPS,
     return rows, _cols(n_vocab, cols)
 
 
-def single_pass_tile(p: LossProblem, n_rows: int) -> tuple[int, int]:
-    """``(rows, cols)`` of the one-pass path over ``n_rows`` rows: a block's logits over the whole
-    vocabulary, and its partial sums of d hidden, fit its budget (see ``SINGLE_PASS_BUDGET_BYTES``).
-    """
-    n_vocab, dim = p.weight.shape[0], p.weight.shape[1]
+def _single_pass_budget(p: LossProblem, n_rows: int) -> int:
+    """Bytes the one-pass path may hold over ``n_rows`` rows (see ``SINGLE_PASS_BUDGET_BYTES``)."""
+    n_vocab, dim = p.weight.shape
     size = p.compute_dtype.itemsize
     budget = max(SINGLE_PASS_BUDGET_BYTES, int(n_vocab * dim * size * SINGLE_PASS_BUDGET_OF_DW))
-    budget = max(SINGLE_PASS_SMALL_BYTES, min(budget, int(n_rows * n_vocab * size * SINGLE_PASS_BUDGET_OF_LOGITS)))
-    rows = _even(n_rows, budget // (size * max(1, n_vocab + (DH_GROUPS + 1) * dim)))
+    return max(SINGLE_PASS_SMALL_BYTES, min(budget, int(n_rows * n_vocab * size * SINGLE_PASS_BUDGET_OF_LOGITS)))
+
+
+def single_pass_tile(p: LossProblem, n_rows: int) -> tuple[int, int]:
+    """``(rows, cols)`` of the one-pass path by tiles over ``n_rows`` rows: a block's logits over the
+    whole vocabulary, and its partial sums of d hidden, fit `_single_pass_budget`.
+    """
+    n_vocab, dim = p.weight.shape
+    size = p.compute_dtype.itemsize
+    rows = _even(n_rows, _single_pass_budget(p, n_rows) // (size * max(1, n_vocab + (DH_GROUPS + 1) * dim)))
     return rows, _cols(n_vocab, SINGLE_PASS_TILE_ELEMS // max(rows, 1))
 
 
@@ -200,6 +206,13 @@ def _head(p: LossProblem) -> tuple[Tensor, Tensor | None]:
 def _capped(p: LossProblem, z: Tensor) -> Tensor:
     """``c * tanh(z / c)`` in place under a softcap ``c``; ``z`` unchanged without one."""
     return z if p.softcap is None else z.div_(p.softcap).tanh_().mul_(p.softcap)
+
+
+def _valid_rows(p: LossProblem) -> tuple[Tensor, bool]:
+    """``(idx, contiguous)``: the valid tokens' indices, and whether they are all of ``0 .. N-1``."""
+    valid = p.valid
+    contiguous = bool(valid.all())
+    return (torch.arange(valid.shape[0], device=valid.device) if contiguous else valid.nonzero().squeeze(1)), contiguous
 
 
 def _row_blocks(
@@ -301,9 +314,7 @@ def _forward(p: LossProblem) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | N
     m, s, lse = torch.zeros_like(ce), torch.zeros_like(ce), torch.zeros_like(ce)
     z_sum = torch.zeros_like(ce) if p.label_smoothing else None
     w, b = _head(p)
-    valid = p.valid
-    contiguous = bool(valid.all())
-    idx = torch.arange(n, device=valid.device) if contiguous else valid.nonzero().squeeze(1)
+    idx, contiguous = _valid_rows(p)
     threads = workers.threads_for(p.hidden.device)
     step, width = forward_tile(p, idx.shape[0], threads)
     for pos, h, t in _row_blocks(p, idx, contiguous, step):
@@ -407,6 +418,15 @@ class _Grads:
         )
 
 
+def _coefficients(p: LossProblem, g: Tensor, lse: Tensor) -> tuple[Tensor, Tensor | None]:
+    """``(g, a)`` for rows of logsumexp ``lse``: ``a = g (1 + 2 c lse)`` (``g`` expanded to the rows)
+    under z-loss ``c`` or label smoothing, else ``(g, None)``: see `_backward`."""
+    if not (p.z_loss or p.label_smoothing):
+        return g, None
+    g = g.expand(lse.shape[0])
+    return g, g * (1 + 2 * p.z_loss * lse) if p.z_loss else g
+
+
 def _dz_tile(
     p: LossProblem, dz_t: Tensor, z_t: Tensor | None, hit: Tensor, col: Tensor, g: Tensor, a: Tensor | None,
     common: bool,
@@ -491,9 +511,7 @@ def _single_pass(p: LossProblem, g: Tensor, grads: _Grads) -> tuple[Tensor, Tens
     m, s, lse = torch.zeros_like(ce), torch.zeros_like(ce), torch.zeros_like(ce)
     z_sum = torch.zeros_like(ce) if p.label_smoothing else None
     w, b = grads.w, grads.b
-    valid = p.valid
-    contiguous = bool(valid.all())
-    idx = torch.arange(n, device=valid.device) if contiguous else valid.nonzero().squeeze(1)
+    idx, contiguous = _valid_rows(p)
     threads = workers.threads_for(p.hidden.device)
     step, width = single_pass_tile(p, idx.shape[0])
     for pos, h, t in _row_blocks(p, idx, contiguous, step):
@@ -516,11 +534,7 @@ def _single_pass(p: LossProblem, g: Tensor, grads: _Grads) -> tuple[Tensor, Tens
         lse[rows] = lse_rows.to(dtype)
         if z_sum is not None:
             z_sum[rows] = z_sum_rows
-        a_rows = None
-        g_rows = g
-        if p.z_loss or p.label_smoothing:
-            g_rows = g.expand(h.shape[0])
-            a_rows = g_rows * (1 + 2 * p.z_loss * lse[rows]) if p.z_loss else g_rows
+        g_rows, a_rows = _coefficients(p, g, lse[rows])
         common = a_rows is None
         groups = _groups(len(tiles))
         grads.start_rows(h, g if common else g.new_ones(1), len(groups))
@@ -543,15 +557,12 @@ def _single_pass(p: LossProblem, g: Tensor, grads: _Grads) -> tuple[Tensor, Tens
 
 
 def single_pass_rows(p: LossProblem, n_rows: int, threads: int) -> int:
-    """Rows per block of `_single_pass_rows` over ``n_rows`` rows: ``threads + 1`` blocks' logits over the whole
-    vocabulary fit the one-pass budget (``SINGLE_PASS_BUDGET_BYTES``); 0 where that is under
-    ``MIN_SINGLE_PASS_ROWS`` (and under ``n_rows``)."""
-    n_vocab, dim = p.weight.shape[0], p.weight.shape[1]
-    size = p.compute_dtype.itemsize
-    budget = max(SINGLE_PASS_BUDGET_BYTES, int(n_vocab * dim * size * SINGLE_PASS_BUDGET_OF_DW))
-    budget = max(SINGLE_PASS_SMALL_BYTES, min(budget, int(n_rows * n_vocab * size * SINGLE_PASS_BUDGET_OF_LOGITS)))
+    """Rows per block of `_single_pass_rows` over ``n_rows`` rows: ``threads + 1`` blocks' logits over
+    the whole vocabulary fit `_single_pass_budget`; 0 where that is under ``MIN_SINGLE_PASS_ROWS``
+    (and under ``n_rows``)."""
     buffers = threads + 1 if threads > 1 else 1
-    rows = _even(n_rows, budget // (size * max(1, n_vocab) * buffers))
+    size = p.compute_dtype.itemsize
+    rows = _even(n_rows, _single_pass_budget(p, n_rows) // (size * max(1, p.weight.shape[0]) * buffers))
     return rows if rows >= min(n_rows, MIN_SINGLE_PASS_ROWS) else 0
 
 
@@ -570,22 +581,17 @@ def _single_pass_rows(
     m, s, lse = torch.zeros_like(ce), torch.zeros_like(ce), torch.zeros_like(ce)
     z_sum = torch.zeros_like(ce) if p.label_smoothing else None
     w, b = _head(p)
-    valid = p.valid
-    contiguous = bool(valid.all())
-    idx = torch.arange(n, device=device) if contiguous else valid.nonzero().squeeze(1)
+    idx, contiguous = _valid_rows(p)
     blocks = [slice(start, min(start + rows, idx.shape[0])) for start in range(0, idx.shape[0], rows)]
     n_buffers = threads + 1 if threads > 1 else 1
     buffers = [torch.empty(min(rows, idx.shape[0]), n_vocab, dtype=dtype, device=device) for _ in range(n_buffers)]
-    stripes = [
-        range(n_vocab)[k * n_vocab // (2 * threads) : (k + 1) * n_vocab // (2 * threads)] for k in range(2 * threads)
-    ]
-    stripes = [slice(r.start, r.stop) for r in stripes if len(r)]
+    bounds = [k * n_vocab // (2 * threads) for k in range(2 * threads + 1)]
+    stripes = [slice(lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:], strict=True) if hi > lo]
     dh = torch.zeros_like(p.hidden, dtype=dtype) if needs[0] else None
     dw = torch.empty(n_vocab, w.shape[1], dtype=dtype, device=device) if needs[1] else None
     db = torch.empty(n_vocab, dtype=dtype, device=device) if needs[2] else None
     rows_of: dict[int, Tensor] = {}
-    smooth, z_loss = p.label_smoothing, p.z_loss
-    common = not (smooth or z_loss)  # else d z holds g (per-row coefficients)
+    common = not (p.label_smoothing or p.z_loss)  # else d z holds g (per-row coefficients)
 
     def compute(k: int, buffer: int) -> None:
         pos = blocks[k]
@@ -608,14 +614,7 @@ def _single_pass_rows(
         m[at], s[at] = m_rows, total.log()
         ce[at] = (lse_rows - z_target).to(dtype)
         lse[at] = lse_rows.to(dtype)
-        if common:
-            z[arange, t] -= 1.0
-        else:
-            a = g * (1 + 2 * z_loss * lse[at]) if z_loss else g.expand(h.shape[0])
-            z.mul_(a[:, None])
-            z[arange, t] -= (1 - smooth) * g
-            if smooth:
-                z.sub_((smooth / n_vocab) * g)
+        _dz_tile(p, z.T, None, arange, t, *_coefficients(p, g, lse[at]), common)  # z.T: [cols, rows]
         if dh is not None:
             if contiguous:
                 torch.mm(z, w, out=dh[pos])
@@ -714,12 +713,10 @@ def loss_backward(
     idx = rows.nonzero().squeeze(1)
     if g.numel() > 1:
         g = g[idx]
-    a = None
-    if p.z_loss or p.label_smoothing or g_lse is not None:  # per-row coefficients of the softmax
+    g, a = _coefficients(p, g, lse[idx])  # per-row coefficients of the softmax
+    if g_lse is not None:
         g = g.expand(idx.shape[0])
-        a = g * (1 + 2 * p.z_loss * lse[idx]) if p.z_loss else g
-        if g_lse is not None:
-            a = a + g_lse[idx]
+        a = (g if a is None else a) + g_lse[idx]
     grads = _Grads(p, *_head(p), needs)
     _backward(p, aux[0], aux[1], idx, g, grads, a)
     return grads.result()

@@ -142,13 +142,14 @@ def run_blocks(
 
     def done(job: tuple) -> None:
         if job[0] is compute:
-            ready.add(job[1])
-            return
-        b, s = job[1], job[2]
-        busy[s] = False
-        next_commit[s] += 1
-        left[b] -= 1
-        if not left[b]:
+            b = job[1]
+            ready.add(b)
+        else:
+            b, s = job[1], job[2]
+            busy[s] = False
+            next_commit[s] += 1
+            left[b] -= 1
+        if not left[b]:  # every stripe has the block (at once, with no stripes)
             free.append(buffer_of.pop(b))
 
     def work() -> None:
@@ -156,7 +157,7 @@ def run_blocks(
             while True:
                 with state:
                     while True:
-                        if failed or all(c == n_blocks for c in next_commit):
+                        if failed or (len(ready) == n_blocks and all(c == n_blocks for c in next_commit)):
                             return
                         job = take()
                         if job is not None:
