@@ -1,8 +1,8 @@
 """Timing, the matmul rate, and peak memory, each the way `bench/run.py` reports it.
 
 Times: forward+backward of one step, methods alternating within each repetition after a warm-up,
-medians over repetitions. Rate: a 2048^3 fp32 GEMM by ``torch.mm`` and by oneDNN, timed in the
-same alternation; the faster gives the floor. Memory: one step in a fresh process
+medians over repetitions. Rate: a 2048^3 GEMM in the inputs' dtype by ``torch.mm`` and by oneDNN,
+timed in the same alternation; the faster gives the floor. Memory: one step in a fresh process
 (`peak_growth_child`), after one at the same shape: the resident-set high-water mark minus the
 resident set before it (CPU), or ``torch.cuda.max_memory_allocated`` minus the allocated bytes (CUDA).
 """
@@ -56,18 +56,18 @@ def flop_floor(n: int, d: int, v: int, keep_ratio: float, task: str) -> float:
 
 
 class MatmulRate:
-    """The machine's fp32 GEMM rate: a 2048 x 2048 x 2048 product by each GEMM torch offers.
+    """The machine's GEMM rate in ``dtype``: a 2048 x 2048 x 2048 product by each GEMM torch offers.
 
-    ``torch.mm`` (MKL on CPU, into a preallocated output) and, on CPU, oneDNN's linear; the
+    ``torch.mm`` (MKL or oneDNN on CPU, into a preallocated output) and, on CPU, oneDNN's linear; the
     floor uses the faster of the two, so that it flatters no method.
     """
 
     SIZE = 2048
 
-    def __init__(self, device: str) -> None:
+    def __init__(self, device: str, dtype: torch.dtype = torch.float32) -> None:
         g = torch.Generator(device="cpu").manual_seed(1)
-        self.a = torch.randn(self.SIZE, self.SIZE, generator=g).to(device)
-        self.b = torch.randn(self.SIZE, self.SIZE, generator=g).to(device)
+        self.a = torch.randn(self.SIZE, self.SIZE, generator=g).to(device, dtype)
+        self.b = torch.randn(self.SIZE, self.SIZE, generator=g).to(device, dtype)
         self.out = torch.empty_like(self.a)
         self.flops = 2.0 * self.SIZE**3
         self.gemms: dict[str, Callable[[], object]] = {"mm": lambda: torch.mm(self.a, self.b.T, out=self.out)}
@@ -81,10 +81,10 @@ class MatmulRate:
 
 
 def time_methods(
-    x: Inputs, methods: list[str], tasks: list[str], reps: int, device: str
+    x: Inputs, methods: list[str], tasks: list[str], reps: int, device: str, dtype: torch.dtype = torch.float32
 ) -> tuple[dict[tuple[str, str], list[float]], dict[str, list[float]]]:
-    """Times of every ``(method, task)`` and of each GEMM's rate (flop/s), alternating per repetition."""
-    gemm = MatmulRate(device)
+    """Times of every ``(method, task)`` and of each GEMM's rate (flop/s) in ``dtype``, alternating per repetition."""
+    gemm = MatmulRate(device, dtype)
     jobs: dict[tuple[str, str], Callable[[], None]] = {
         (m, t): (lambda m=m, t=t: step(m, x, t)) for t in tasks for m in methods
     }
@@ -155,16 +155,20 @@ def step_peak_growth(run_step: Callable[[], None], drop_grads: Callable[[], None
     return (_status_kib("VmHWM") - before) / 1024
 
 
-def peak_growth_child(method: str, task: str, n: int, d: int, v: int, keep_ratio: float, device: str) -> float:
+def peak_growth_child(
+    method: str, task: str, n: int, d: int, v: int, keep_ratio: float, device: str, dtype: torch.dtype = torch.float32
+) -> float:
     """In this (fresh) process: `step_peak_growth` of one forward+backward of ``method``."""
-    x = Inputs.make(n, d, v, keep_ratio, device)
+    x = Inputs.make(n, d, v, keep_ratio, device, dtype=dtype)
     return step_peak_growth(lambda: step(method, x, task), x.zero_grad, device)
 
 
-def peak_growth(method: str, task: str, n: int, d: int, v: int, keep_ratio: float, device: str) -> float:
-    """`peak_growth_child` run in a process of its own; NaN if the child fails."""
+def peak_growth(
+    method: str, task: str, n: int, d: int, v: int, keep_ratio: float, device: str, dtype: str = "fp32"
+) -> float:
+    """`peak_growth_child` run in a process of its own (``dtype``: run.py's ``--dtype``); NaN if the child fails."""
     cmd = [sys.executable, str(HERE / "run.py"), "--memory-child", json.dumps([method, task, n, d, v, keep_ratio])]
-    cmd += ["--device", device]
+    cmd += ["--device", device, "--dtype", dtype]
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **CHILD_ENV}, check=False)
     if proc.returncode != 0:
         print(f"memory child failed for {method}/{task}: {proc.stderr.strip()[-500:]}", file=sys.stderr)

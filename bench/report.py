@@ -27,7 +27,7 @@ class Row:
     reps: int
     time_s: float  # median forward+backward
     time_min_s: float
-    rate_gflops: float  # median fp32 GEMM rate, same run, same shape: the faster of torch.mm and oneDNN
+    rate_gflops: float  # median GEMM rate in `dtype`, same run, same shape: the faster of torch.mm and oneDNN
     rate_mm_gflops: float  # torch.mm's alone
     floor_s: float  # flop_floor / rate
     x_floor: float  # time_s / floor_s
@@ -39,6 +39,7 @@ class Row:
     work_x_naive: float
     load_1min: float = math.nan  # the 1-minute load average when the shape's timing ended (shared cores)
     busy: int = 0  # busy processes (one spinning core each) started beside the timing, --busy
+    dtype: str = "fp32"  # the inputs' dtype, --dtype
 
 
 def write_csv(rows: list[Row], path: Path) -> None:
@@ -148,7 +149,7 @@ def plot(rows: list[Row], path: Path, d: int, v: int) -> bool:
             ax.grid(True, which="both", alpha=0.3)
         axes[1, col].set_xlabel("N (tokens)")
     axes[0, 0].legend()
-    fig.suptitle(f"D={d}, V={v}, fp32, {sel[0].machine}, {sel[0].threads} threads")
+    fig.suptitle(f"D={d}, V={v}, {sel[0].dtype}, {sel[0].machine}, {sel[0].threads} threads")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

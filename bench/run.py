@@ -5,9 +5,9 @@
 
 For each shape: forward+backward of SLM (keep 0.6) and of plain cross-entropy for every method
 available (`methods.available`), methods alternating within each repetition after a warm-up,
-medians reported; the fp32 matmul rate in the same alternation, and the floor
-``(2 + 6 r) N D V / rate`` (``6 N D V / rate`` for plain CE) beside each time; then each method's
-peak memory growth in a process of its own. Writes ``bench/results/<machine>-<date>.csv``, a
+medians reported; the matmul rate in the inputs' dtype (``--dtype``) in the same alternation, and
+the floor ``(2 + 6 r) N D V / rate`` (``6 N D V / rate`` for plain CE) beside each time; then each
+method's peak memory growth in a process of its own. Writes ``bench/results/<machine>-<date>.csv``, a
 markdown table beside it, and PNG plots of time and memory against N.
 """
 
@@ -45,6 +45,7 @@ FULL_GRID = [
     (2048, 512, 128256),
 ]
 QUICK_GRID = [(512, 512, 32000), (1024, 512, 32000)]
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def machine_name(device: str) -> str:
@@ -75,6 +76,12 @@ def main() -> None:
     parser.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
     parser.add_argument("--reps", type=int, help="timed repetitions after the warm-up (default 3; 2 with --quick)")
     parser.add_argument("--keep", type=float, default=0.6)
+    parser.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default="fp32",
+        help="the inputs' dtype; the floor's matmul rate is measured in it (default fp32)",
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     parser.add_argument(
@@ -103,7 +110,7 @@ def main() -> None:
 
     if args.memory_child:
         method, task, n, d, v, keep = json.loads(args.memory_child)
-        print(measure.peak_growth_child(method, task, n, d, v, keep, args.device))
+        print(measure.peak_growth_child(method, task, n, d, v, keep, args.device, DTYPES[args.dtype]))
         return
 
     grid = args.shapes or (QUICK_GRID if args.quick else FULL_GRID)
@@ -112,27 +119,35 @@ def main() -> None:
     methods = args.methods or available(args.device)
     machine = machine_name(args.device)
     date = datetime.date.today().isoformat()
-    stem = args.tag or f"{machine}-{date}"
-    print(f"{machine}, torch {torch.__version__}, {torch.get_num_threads()} threads, methods {methods}", flush=True)
+    dtype = DTYPES[args.dtype]
+    stem = args.tag or f"{machine}-{date}" + ("" if args.dtype == "fp32" else f"-{args.dtype}")
+    print(
+        f"{machine}, torch {torch.__version__}, {torch.get_num_threads()} threads, {args.dtype}, methods {methods}",
+        flush=True,
+    )
 
     rows: list[report.Row] = []
     for n, d, v in grid:
-        x = Inputs.make(n, d, v, args.keep, args.device)
+        x = Inputs.make(n, d, v, args.keep, args.device, dtype=dtype)
         with measure.busy_processes(args.busy):
-            times, rates = measure.time_methods(x, methods, args.tasks, reps, args.device)
+            times, rates = measure.time_methods(x, methods, args.tasks, reps, args.device, dtype)
         load = os.getloadavg()[0]
         del x
         gemm_rates = {name: measure.median(r) for name, r in rates.items()}
         rate = max(gemm_rates.values())
         gflops = ", ".join(f"{k} {r / 1e9:.0f}" for k, r in gemm_rates.items())
         busy = f", {args.busy} busy processes beside it" if args.busy else ""
-        print(f"N={n} D={d} V={v}: load {load:.1f}{busy}, fp32 GEMM GFLOP/s {gflops}", flush=True)
+        print(f"N={n} D={d} V={v}: load {load:.1f}{busy}, {args.dtype} GEMM GFLOP/s {gflops}", flush=True)
         for task in args.tasks:
             floor = measure.flop_floor(n, d, v, args.keep, task) / rate
             naive_t = measure.median(times[("naive", task)]) if "naive" in methods else math.nan
-            grads = (n * d + v * d) * 4 / 2**20
+            grads = (n * d + v * d) * dtype.itemsize / 2**20
             mems = {
-                m: (measure.peak_growth(m, task, n, d, v, args.keep, args.device) if task in memory_tasks else math.nan)
+                m: (
+                    measure.peak_growth(m, task, n, d, v, args.keep, args.device, args.dtype)
+                    if task in memory_tasks
+                    else math.nan
+                )
                 for m in methods
             }
             for m in methods:
@@ -148,7 +163,7 @@ def main() -> None:
                         mem_mib=mems[m], mem_x_naive=mems[m] / mems.get("naive", math.nan), grads_mib=grads,
                         work_mib=mems[m] - grads, load_1min=load,
                         work_x_naive=(mems[m] - grads) / (mems.get("naive", math.nan) - grads),
-                        busy=args.busy,
+                        busy=args.busy, dtype=args.dtype,
                     )
                 )  # fmt: skip
                 print(
@@ -169,10 +184,10 @@ def write_outputs(rows: list[report.Row], out: Path, stem: str, command: str, cs
     text = [
         f"# {stem}",
         "",
-        f"`{command}` on {r0.machine} ({r0.device}, {r0.threads} threads), torch {r0.torch}, fp32"
+        f"`{command}` on {r0.machine} ({r0.device}, {r0.threads} threads), torch {r0.torch}, {r0.dtype}"
         + (f", timed beside {r0.busy} busy processes (one spinning core each)." if r0.busy else "."),
         f"Medians of {r0.reps} alternating repetitions after a warm-up. Floor: matmul flops"
-        " ((2 + 6r) N D V for SLM, 6 N D V for plain CE) over the fp32 matmul rate measured in the same run."
+        " ((2 + 6r) N D V for SLM, 6 N D V for plain CE) over the matmul rate in that dtype measured in the same run."
         " Memory: peak growth of one forward+backward in a fresh process, gradients included,"
         " measured on the step after a first one at the same shape.",
         "",

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from cases import IGNORE, Case, assert_parity, make_case, run
 
 import rho_fused
-from rho_fused.backends import chunked
+from rho_fused.backends import chunked, products
 from rho_fused.validation import make_problem
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -68,7 +68,7 @@ def test_single_pass(monkeypatch, dtype, reduction, variant, path):
     2 threads' stripes; by tiles, as on a CPU where oneDNN's products win: 9 rows, 16 columns, 8
     groups of tiles), as close to the fp64 truth as PyTorch, strided hidden and ignored tokens too."""
     if path == "tiles":
-        monkeypatch.setattr(chunked, "IN_PLACE_PRODUCTS", False)
+        monkeypatch.setattr(products, "IN_PLACE_PRODUCTS", False)
     count = CountSinglePass(monkeypatch, path)
     options = dict(variant)
     case = make_case((5, 13), 24, 97, seed=len(str(variant)) + 7, bias=options.pop("bias", False), ref="none")
@@ -306,3 +306,25 @@ def test_bias_masking_whole_tiles(dtype):
     for got, want in zip(losses["chunked"], losses["reference"], strict=True):
         assert torch.isfinite(got).all()
         torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("blocks", ["one", "several"])
+def test_weight_gradient_of_16_bit_weights(monkeypatch, dtype, reduction, blocks):
+    """16-bit weights: when one block of rows holds every kept row (its buffers no larger than an
+    fp32 d W), d W is written once in the weight's dtype, each tile scaled and rounded once; over
+    several blocks it is summed in fp32. Both as near the fp64 truth as PyTorch."""
+    direct: list[bool] = []
+    result = chunked._Grads.result
+
+    def spy(self):
+        direct.append(self.direct_dw)
+        return result(self)
+
+    monkeypatch.setattr(chunked._Grads, "result", spy)
+    # 20 kept rows: one block needs 3 * 12 * 20 * 24 / 2 elements, under 500 * 24, over 97 * 24
+    vocab = 500 if blocks == "one" else 97
+    case = make_case((3, 11), 24, vocab, seed=13, bias=True, ignore_frac=0.1)
+    assert_parity(case, "chunked", dtype, keep_ratio=0.6, reduction=reduction)
+    assert direct == [blocks == "one"]

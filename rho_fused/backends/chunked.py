@@ -30,8 +30,10 @@ How it stays near the matmul floor ``(2 + 6 r) N D V`` (measurements in ``bench/
   rows, ``W_c^T @ d z_c^T``), which the GEMM runs near its peak. The backward's budget is the
   smaller: it runs while the gradients (``V x D``) are held too.
 - ``d W`` and ``d hidden`` accumulate in place (``addmm_``) unless oneDNN's product then an add is
-  faster on this CPU (measured once per process): oneDNN ran fp32 products about twice as fast as
-  MKL on AMD EPYC, and even with it on Intel Xeon.
+  faster on this CPU (measured once per process, `products.in_place`): oneDNN ran fp32 products
+  about twice as fast as MKL on AMD EPYC, and even with it on Intel Xeon.
+- bf16 inputs are computed in fp32, their products in bf16 with fp32 sums on a CPU with bf16 units
+  (`products.bf16_products`): 2-3x the fp32 rate on AMX.
 - Backward tiles are ``[cols, rows]``, so ``-m`` of each row is the product's bias and
   ``exp_((z - m) - s)`` in place gives the softmax; a ``g`` common to all tokens scales the sums
   once at the end, never the tile (per-token ``g``, for reduction "none", costs one pass over each tile).
@@ -42,7 +44,7 @@ How it stays near the matmul floor ``(2 + 6 r) N D V`` (measurements in ``bench/
 
 from __future__ import annotations
 
-import time
+import functools
 from collections.abc import Callable, Iterator
 
 import torch
@@ -50,7 +52,7 @@ from torch import Tensor
 
 from ..problem import LossProblem, SelectionStats, reduce_loss, reference_loss, token_term, upstream
 from ..selection import choose, select_top
-from . import workers
+from . import products, workers
 from .ops import define
 
 # Working memory of the forward, all workers together: each worker's tile of logits and its
@@ -80,9 +82,6 @@ SINGLE_PASS_TILE_ELEMS = 2**19
 # each, added in order at the end: the groups are the backward's work items, and the sum does not
 # depend on which worker ran which group.
 DH_GROUPS = 8
-# Whether d W and d hidden accumulate in place (torch.addmm_, MKL on CPU) rather than through
-# oneDNN's products and an add; None: measured once per process (`_in_place_products`).
-IN_PLACE_PRODUCTS: bool | None = None
 # Fewest vocabulary columns in a tile: below this, blocks of rows shrink instead.
 MIN_TILE_COLS = 64
 # Tiles are a multiple of this many columns wide where they can be: oneDNN ran the backward's
@@ -124,11 +123,18 @@ def backward_tile(p: LossProblem, n_rows: int, row_buffers: int = 2 + DH_GROUPS,
     (the tile; k = 2 with a bias or softcap) ``+ R D`` (its product into d hidden) ``+ 2 C D``
     (d W_c, and the operand copied for d hidden). The ``[R, D]`` buffers take at most two thirds
     of it; the columns fill the rest.
+
+    With a weight narrower than the compute dtype (bf16), every row goes in one block when that
+    block's buffers take no more than the wider ``d W`` that several blocks would sum into: ``d W``
+    is then written once, in the weight's dtype (`_Grads`).
     """
     n_vocab, dim = p.weight.shape[0], max(1, p.weight.shape[1])  # D = 0: logits are the bias alone
     elems = max(1, BACKWARD_BUDGET_BYTES // p.compute_dtype.itemsize, int(n_vocab * dim * BACKWARD_BUDGET_OF_DW))
     tiles = 1 if p.bias is None and p.softcap is None else 2
     buffers = row_buffers + threads
+    one_block = 3 * buffers * n_rows * dim // 2
+    if p.weight.dtype.itemsize < p.compute_dtype.itemsize and one_block <= n_vocab * dim:
+        elems = max(elems, one_block)
     rows = _even(n_rows, 2 * elems // (3 * buffers * dim))
     cols = (elems - buffers * rows * dim) // (threads * (tiles * rows + 2 * dim))
     return rows, _cols(n_vocab, cols)
@@ -152,55 +158,9 @@ def single_pass_tile(p: LossProblem, n_rows: int) -> tuple[int, int]:
     return rows, _cols(n_vocab, SINGLE_PASS_TILE_ELEMS // max(rows, 1))
 
 
-def _onednn_linear():
-    """oneDNN's ``x @ w.T + b`` for dense CPU tensors, or None where this torch build lacks it."""
-    try:
-        return torch.ops.mkldnn._linear_pointwise if torch.backends.mkldnn.is_available() else None
-    except (AttributeError, RuntimeError):
-        return None
-
-
-_ONEDNN_LINEAR = _onednn_linear()
-
-
-def _linear(x: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
-    """``x @ w.T (+ b)``, ``b`` per column of the result. ``w`` may be a transposed view; ``x`` is contiguous."""
-    # oneDNN has no primitive for an empty inner dimension (D = 0)
-    if _ONEDNN_LINEAR is not None and x.device.type == "cpu" and x.dtype == w.dtype == torch.float32 and x.shape[1]:
-        return _ONEDNN_LINEAR(x, w, b, "none", [], "")
-    return x @ w.T if b is None else torch.addmm(b, x, w.T)
-
-
-def _in_place_products(device: torch.device, dtype: torch.dtype) -> bool:
-    """`IN_PLACE_PRODUCTS`, measured on first use: the faster, on this CPU, of ``addmm_`` and
-    oneDNN's product then ``add_`` for one backward tile's ``d W_c`` (best of three each). oneDNN ran
-    fp32 products about twice as fast as MKL on AMD EPYC; on Intel Xeon they were even (bench/NOTES.md)."""
-    global IN_PLACE_PRODUCTS
-    if device.type != "cpu" or dtype != torch.float32 or _ONEDNN_LINEAR is None:
-        return True
-    if IN_PLACE_PRODUCTS is None:
-        g = torch.Generator().manual_seed(0)
-        dz_t, h = torch.randn(256, 384, generator=g), torch.randn(384, 512, generator=g)
-        out = torch.zeros(256, 512)
-
-        def best(fn: Callable[[], object]) -> float:
-            times = []
-            for _ in range(3):
-                start = time.perf_counter()
-                fn()
-                times.append(time.perf_counter() - start)
-            return min(times)
-
-        in_place = best(lambda: out.addmm_(dz_t, h))
-        onednn = best(lambda: out.add_(_linear(dz_t, h.T)))
-        IN_PLACE_PRODUCTS = in_place <= 1.1 * onednn
-    return IN_PLACE_PRODUCTS
-
-
-def _head(p: LossProblem) -> tuple[Tensor, Tensor | None]:
-    """Weight and bias in the compute dtype (no copy for fp32 inputs)."""
-    dtype = p.compute_dtype
-    return p.weight.to(dtype), None if p.bias is None else p.bias.to(dtype)
+def _bias(p: LossProblem) -> Tensor | None:
+    """The bias in the compute dtype (no copy for fp32 inputs)."""
+    return None if p.bias is None else p.bias.to(p.compute_dtype)
 
 
 def _capped(p: LossProblem, z: Tensor) -> Tensor:
@@ -252,9 +212,9 @@ def _groups(n_tiles: int) -> list[range]:
     return [range(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
 
 
-def _logits_t(p: LossProblem, w: Tensor, b: Tensor | None, h: Tensor, cols: slice) -> Tensor:
-    """The tile ``[cols, rows]`` of logits, ``W_c h^T (+ b_c)``, softcapped."""
-    z_t = _linear(w[cols], h)
+def _logits_t(p: LossProblem, w_c: Tensor, b: Tensor | None, h: Tensor, cols: slice) -> Tensor:
+    """The tile ``[cols, rows]`` of logits, ``W_c h^T (+ b_c)``, softcapped; ``w_c``: ``W_c`` in the compute dtype."""
+    z_t = products.linear(w_c, h)
     if b is not None:
         z_t.add_(b[cols, None])
     return _capped(p, z_t)
@@ -313,7 +273,7 @@ def _forward(p: LossProblem) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | N
     ce = torch.zeros(n, dtype=dtype, device=p.hidden.device)
     m, s, lse = torch.zeros_like(ce), torch.zeros_like(ce), torch.zeros_like(ce)
     z_sum = torch.zeros_like(ce) if p.label_smoothing else None
-    w, b = _head(p)
+    w, b = p.weight, _bias(p)  # W converted tile by tile: no copy of the whole head
     idx, contiguous = _valid_rows(p)
     threads = workers.threads_for(p.hidden.device)
     step, width = forward_tile(p, idx.shape[0], threads)
@@ -324,7 +284,8 @@ def _forward(p: LossProblem) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | N
 
         def item(k: int, h: Tensor = h, tiles: list = tiles, stats: _Stats = stats) -> None:
             cols, hit, col = tiles[k]
-            stats.add(k, _capped(p, _linear(h, w[cols], None if b is None else b[cols])), hit, col, 0)
+            z = products.linear(h, w[cols].to(dtype), None if b is None else b[cols])
+            stats.add(k, _capped(p, z), hit, col, 0)
 
         workers.run(item, len(tiles), threads)
         m_rows, lse_rows, z_target, z_sum_rows = stats.merge()
@@ -351,29 +312,40 @@ class _Grads:
     """
 
     def __init__(self, p: LossProblem, w: Tensor, b: Tensor | None, needs: tuple[bool, ...]) -> None:
-        """``w``, ``b``: the head in the compute dtype, converted once for the whole backward."""
-        dtype, (n_vocab, dim) = p.compute_dtype, w.shape
-        self.p, self.w, self.b = p, w, b
+        """``w``: the weight as given (its tiles are converted by the caller); ``b``: the bias in the
+        compute dtype."""
+        dtype = p.compute_dtype
+        self.p, self.w, self.b, self.needs_dw = p, w, b, needs[1]
         self.dh = torch.zeros_like(p.hidden) if needs[0] else None
         self.rows_in_dh = False
-        # d W is written by the first block of rows and added to by the others (no zero fill).
-        self.dw = torch.empty(n_vocab, dim, dtype=dtype, device=w.device) if needs[1] else None
-        self.db = torch.zeros(n_vocab, dtype=dtype, device=w.device) if needs[2] else None
+        # d W: allocated by the first block of rows, which writes it, and added to by the others (no
+        # zero fill); in the weight's dtype when one block has every row (`direct_dw`).
+        self.dw: Tensor | None = None
+        self.direct_dw = False
+        self.db = torch.zeros(w.shape[0], dtype=dtype, device=w.device) if needs[2] else None
         self.first_block = True
-        self.in_place = _in_place_products(w.device, dtype)
+        self.in_place = products.in_place(w.device, dtype)
 
-    def start_rows(self, h: Tensor, scale: Tensor, n_groups: int) -> None:
-        """A block of rows ``h`` begins; ``scale``: the common ``g`` ([1]), or ones when the tile holds ``g``."""
+    def start_rows(self, h: Tensor, scale: Tensor, n_groups: int, last: bool) -> None:
+        """A block of rows ``h`` begins (``last``: no other follows); ``scale``: the common ``g`` ([1]),
+        or ones when the tile holds ``g``."""
         self.h, self.scale = h, scale
         self.dh_t = h.new_zeros(n_groups, h.shape[1], h.shape[0]) if self.dh is not None else None
+        if self.first_block and self.needs_dw:
+            # d W written once needs no wider accumulator: each tile is scaled and rounded once.
+            self.direct_dw = last and self.w.dtype != self.p.compute_dtype
+            dtype = self.w.dtype if self.direct_dw else self.p.compute_dtype
+            self.dw = torch.empty(self.w.shape, dtype=dtype, device=self.w.device)
 
-    def add(self, dz_t: Tensor, cols: slice, group: int) -> None:
-        """One tile ``[cols, rows]``, contiguous, of group ``group``."""
+    def add(self, dz_t: Tensor, cols: slice, group: int, w_c: Tensor) -> None:
+        """One tile ``[cols, rows]``, contiguous, of group ``group``; ``w_c``: ``W_c`` in the compute dtype."""
         if self.in_place:
             if self.dh_t is not None:
-                self.dh_t[group].addmm_(self.w[cols].T, dz_t)
+                self.dh_t[group].addmm_(w_c.T, dz_t)
             if self.dw is not None:
-                if self.first_block:
+                if self.direct_dw:
+                    self.dw[cols] = torch.mm(dz_t, self.h).mul_(self.scale)
+                elif self.first_block:
                     torch.mm(dz_t, self.h, out=self.dw[cols])
                 else:
                     self.dw[cols].addmm_(dz_t, self.h)
@@ -381,13 +353,15 @@ class _Grads:
             if self.dh_t is not None:
                 # oneDNN reads a transposed weight but wants its input contiguous: copy the smaller
                 # of the tile (as d z) and the slice of W (as W_c^T).
-                if dz_t.shape[1] < self.w.shape[1]:
-                    self.dh_t[group].add_(_linear(dz_t.T.contiguous(), self.w[cols].T).T)
+                if dz_t.shape[1] < w_c.shape[1]:
+                    self.dh_t[group].add_(products.linear(dz_t.T.contiguous(), w_c.T).T)
                 else:
-                    self.dh_t[group].add_(_linear(self.w[cols].T.contiguous(), dz_t.T))
+                    self.dh_t[group].add_(products.linear(w_c.T.contiguous(), dz_t.T))
             if self.dw is not None:
-                dw_tile = _linear(dz_t, self.h.T)
-                if self.first_block:
+                dw_tile = products.linear(dz_t, self.h.T)
+                if self.direct_dw:
+                    self.dw[cols] = dw_tile.mul_(self.scale)
+                elif self.first_block:
                     self.dw[cols].copy_(dw_tile)
                 else:
                     self.dw[cols].add_(dw_tile)
@@ -405,10 +379,10 @@ class _Grads:
 
     def result(self) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
         """The gradients in the inputs' dtypes."""
-        if self.first_block and self.dw is not None:  # no kept row: d W was never written
-            self.dw.zero_()
+        if self.needs_dw and self.dw is None:  # no kept row: d W was never written
+            self.dw = torch.zeros(self.w.shape, dtype=self.w.dtype, device=self.w.device)
         if not self.first_block:  # d W and d b are sums over tiles without the common g: one pass
-            for x in (self.dw, self.db):
+            for x in (None if self.direct_dw else self.dw, self.db):
                 if x is not None:
                     x.mul_(self.scale)
         return (
@@ -479,18 +453,19 @@ def _backward(
         a_rows = None if a is None else a[pos]
         tiles = _col_blocks(t, w.shape[0], width)
         groups = _groups(len(tiles))
-        grads.start_rows(h, scale, len(groups))
+        grads.start_rows(h, scale, len(groups), pos.stop == n_kept)
 
         def item(j: int, h=h, neg_m=neg_m, s_rows=s_rows, g_rows=g_rows, a_rows=a_rows, tiles=tiles, groups=groups):
             for k in groups[j]:
                 cols, hit, col = tiles[k]
+                w_c = w[cols].to(dtype)
                 if b is None and p.softcap is None:
                     z_t = None
-                    dz_t = _linear(w[cols], h, neg_m).sub_(s_rows).exp_()  # softmax^T
+                    dz_t = products.linear(w_c, h, neg_m).sub_(s_rows).exp_()  # softmax^T
                 else:
-                    z_t = _logits_t(p, w, b, h, cols)
+                    z_t = _logits_t(p, w_c, b, h, cols)
                     dz_t = torch.add(z_t, neg_m).sub_(s_rows).exp_()
-                grads.add(_dz_tile(p, dz_t, z_t, hit, col, g_rows, a_rows, common), cols, j)
+                grads.add(_dz_tile(p, dz_t, z_t, hit, col, g_rows, a_rows, common), cols, j, w_c)
 
         workers.run(item, len(groups), threads)
         grads.end_rows(rows)
@@ -522,7 +497,7 @@ def _single_pass(p: LossProblem, g: Tensor, grads: _Grads) -> tuple[Tensor, Tens
 
         def first(k: int, h: Tensor = h, tiles: list = tiles, stats: _Stats = stats, logits: list = logits) -> None:
             cols, hit, col = tiles[k]
-            logits[k] = _logits_t(p, w, b, h, cols)
+            logits[k] = _logits_t(p, w[cols].to(dtype), b, h, cols)
             stats.add(k, logits[k], hit, col, 1)
 
         workers.run(first, len(tiles), threads)
@@ -537,7 +512,7 @@ def _single_pass(p: LossProblem, g: Tensor, grads: _Grads) -> tuple[Tensor, Tens
         g_rows, a_rows = _coefficients(p, g, lse[rows])
         common = a_rows is None
         groups = _groups(len(tiles))
-        grads.start_rows(h, g if common else g.new_ones(1), len(groups))
+        grads.start_rows(h, g if common else g.new_ones(1), len(groups), pos.stop == idx.shape[0])
         neg_m = -m_rows
 
         def second(j: int, tiles=tiles, logits=logits, groups=groups, neg_m=neg_m, s_rows=s_rows, g_rows=g_rows,
@@ -549,7 +524,7 @@ def _single_pass(p: LossProblem, g: Tensor, grads: _Grads) -> tuple[Tensor, Tens
                     dz_t, z_t = z_t.add_(neg_m).sub_(s_rows).exp_(), None
                 else:
                     dz_t = torch.add(z_t, neg_m).sub_(s_rows).exp_()
-                grads.add(_dz_tile(p, dz_t, z_t, hit, col, g_rows, a_rows, common), cols, j)
+                grads.add(_dz_tile(p, dz_t, z_t, hit, col, g_rows, a_rows, common), cols, j, w[cols].to(dtype))
 
         workers.run(second, len(groups), threads)
         grads.end_rows(rows)
@@ -580,7 +555,7 @@ def _single_pass_rows(
     ce = torch.zeros(n, dtype=dtype, device=device)
     m, s, lse = torch.zeros_like(ce), torch.zeros_like(ce), torch.zeros_like(ce)
     z_sum = torch.zeros_like(ce) if p.label_smoothing else None
-    w, b = _head(p)
+    w, b = p.weight.to(dtype), _bias(p)  # the whole head in the compute dtype: every block reads all of it
     idx, contiguous = _valid_rows(p)
     blocks = [slice(start, min(start + rows, idx.shape[0])) for start in range(0, idx.shape[0], rows)]
     n_buffers = threads + 1 if threads > 1 else 1
@@ -647,6 +622,17 @@ def _single_pass_rows(
     return (ce, m, s, lse, z_sum), grads
 
 
+def _bf16_where_fast(fn: Callable[..., Tensor | tuple]) -> Callable[..., Tensor | tuple]:
+    """``fn(p, ...)`` with its products in bf16 where `products.bf16_products` runs them so for ``p``'s inputs."""
+
+    @functools.wraps(fn)
+    def wrapped(p: LossProblem, *args: object) -> Tensor | tuple:
+        with products.bf16_products(p.hidden, p.weight):
+            return fn(p, *args)
+
+    return wrapped
+
+
 def _top_k(p: LossProblem):
     """Top-k within each selection group of ``p`` (the flattened tokens), for `choose`."""
 
@@ -671,6 +657,7 @@ def _outputs(p: LossProblem, ce: Tensor, m: Tensor, s: Tensor, lse: Tensor, z_su
     return loss, ce, excess, kept, threshold, n_kept, n_valid, weight, weight_sum, lse, torch.stack([m, s])
 
 
+@_bf16_where_fast
 def loss_forward(p: LossProblem) -> tuple[Tensor, ...]:
     """Steps 1 to 6: ``(loss, ce, excess, kept, threshold, n_kept, n_valid, weight, weight_sum, lse, aux)``,
     ``aux = [m; s]``."""
@@ -686,6 +673,7 @@ def single_pass_applies(p: LossProblem) -> bool:
     return plain and fits and p.reduction != "none" and p.scope != "global"
 
 
+@_bf16_where_fast
 def loss_single_pass(p: LossProblem, needs: tuple[bool, ...]) -> tuple[Tensor, ...]:
     """`loss_forward`'s outputs, then ``(d hidden, d weight, d bias)`` for an upstream gradient of 1
     (None where not needed); only where `single_pass_applies`. By whole blocks of rows
@@ -695,17 +683,18 @@ def loss_single_pass(p: LossProblem, needs: tuple[bool, ...]) -> tuple[Tensor, .
     g = upstream(p, torch.ones((), dtype=dtype, device=p.hidden.device), p.valid.sum().reshape(1), dtype)
     threads = workers.threads_for(p.hidden.device)
     rows = single_pass_rows(p, p.targets.shape[0], threads)
-    if rows and p.softcap is None and _in_place_products(p.hidden.device, dtype):
+    if rows and p.softcap is None and products.in_place(p.hidden.device, dtype):
         stats, (dh, dw, db) = _single_pass_rows(p, g, needs, rows, threads)
         dh = None if dh is None else dh.to(p.hidden.dtype)
         dw = None if dw is None else dw.to(p.weight.dtype)
         db = None if db is None else db.to(p.bias.dtype)
         return (*_outputs(p, *stats), dh, dw, db)
-    grads = _Grads(p, *_head(p), needs)
+    grads = _Grads(p, p.weight, _bias(p), needs)
     outputs = _outputs(p, *_single_pass(p, g, grads))
     return (*outputs, *grads.result())
 
 
+@_bf16_where_fast
 def loss_backward(
     p: LossProblem, lse: Tensor, aux: Tensor, rows: Tensor, g: Tensor, g_lse: Tensor | None, needs: tuple[bool, ...]
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
@@ -717,16 +706,22 @@ def loss_backward(
     if g_lse is not None:
         g = g.expand(idx.shape[0])
         a = (g if a is None else a) + g_lse[idx]
-    grads = _Grads(p, *_head(p), needs)
+    grads = _Grads(p, p.weight, _bias(p), needs)
     _backward(p, aux[0], aux[1], idx, g, grads, a)
     return grads.result()
+
+
+@_bf16_where_fast
+def _token_ce(p: LossProblem) -> Tensor:
+    """Per-token cross-entropy in fp32."""
+    return _forward(p)[0].float()
 
 
 _OPS = define(
     "chunked",
     loss_forward,
     loss_backward,
-    lambda p: _forward(p)[0].float(),
+    _token_ce,
     lambda hidden: hidden.new_empty(2, hidden.shape[0], dtype=torch.promote_types(hidden.dtype, torch.float32)),
     single_pass=(single_pass_applies, loss_single_pass),
 )

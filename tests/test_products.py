@@ -1,0 +1,91 @@
+"""The chunked backend's CPU products: oneDNN's bf16 mode for bf16 inputs, set and restored around them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from cases import assert_parity, make_case
+
+from rho_fused.backends import chunked, products
+
+needs_modes = pytest.mark.skipif(
+    products._matmul_precision() is None, reason="this torch has no oneDNN fp32 precision modes (torch < 2.9)"
+)
+
+
+def _bf16_pair(n: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.randn(n, 8).bfloat16(), torch.randn(16, 8).bfloat16()
+
+
+@needs_modes
+def test_bf16_products_set_the_mode_and_restore_it(monkeypatch):
+    monkeypatch.setattr(products, "BF16_PRODUCTS", True)
+    matmul = torch.backends.mkldnn.matmul
+    before = matmul.fp32_precision
+    with products.bf16_products(*_bf16_pair()) as on:
+        assert on and matmul.fp32_precision == "bf16"
+    assert matmul.fp32_precision == before
+    with pytest.raises(ValueError, match="inside"), products.bf16_products(*_bf16_pair()):
+        raise ValueError("inside")
+    assert matmul.fp32_precision == before
+    # fp32, fp16 or mixed inputs are not bf16 values: their products stay in fp32
+    h, w = _bf16_pair()
+    for pair in ((h.float(), w.float()), (h.half(), w.half()), (h, w.float())):
+        with products.bf16_products(*pair) as on:
+            assert not on and matmul.fp32_precision == before
+    monkeypatch.setattr(products, "BF16_PRODUCTS", False)
+    with products.bf16_products(h, w) as on:
+        assert not on and matmul.fp32_precision == before
+
+
+@needs_modes
+def test_bf16_values_multiply_as_in_fp32_and_others_round():
+    """In the mode, operands holding bf16 values give the fp32 product's accuracy (their rounding to
+    bf16 is exact); other fp32 operands are rounded to bf16 first, where the CPU runs the mode."""
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(64, 256, generator=g), torch.randn(96, 256, generator=g)
+    a16, b16 = a.bfloat16().float(), b.bfloat16().float()
+    with products.bf16_products(a16.bfloat16(), b16.bfloat16()) as on:
+        exact, rounded = products.linear(a16, b16), products.linear(a, b16)
+    scale = 16.0  # ~ sqrt(256): the products' size
+    assert (exact.double() - a16.double() @ b16.double().T).abs().max() <= 1e-5 * scale
+    err = (rounded.double() - a.double() @ b16.double().T).abs().max().item()
+    if on:  # a's rounding to bf16: relative 2^-9 per term, ~ 2^-9 * scale over the sum
+        assert 1e-4 * scale < err < 2e-2 * scale
+    else:
+        assert err <= 1e-5 * scale
+
+
+@needs_modes
+def test_in_place_choice_measured_per_mode(monkeypatch):
+    monkeypatch.setattr(products, "IN_PLACE_PRODUCTS", None)
+    monkeypatch.setattr(products, "_measured", {})
+    monkeypatch.setattr(products, "BF16_PRODUCTS", True)
+    products.in_place(torch.device("cpu"), torch.float32)
+    with products.bf16_products(*_bf16_pair()):
+        products.in_place(torch.device("cpu"), torch.float32)
+    assert set(products._measured) == {str(torch.backends.mkldnn.matmul.fp32_precision), "bf16"}
+    monkeypatch.setattr(products, "IN_PLACE_PRODUCTS", False)
+    assert products.in_place(torch.device("cpu"), torch.float32) is False
+
+
+@needs_modes
+@pytest.mark.parametrize("keep_ratio", [0.6, 1.0])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_chunked_bf16_in_the_mode_matches_pytorch(monkeypatch, keep_ratio, reduction):
+    """bf16 inputs with the mode forced on (any CPU): every product of the forward and the backward
+    ran in it, and the loss and gradients are as near the fp64 truth as PyTorch's in bf16."""
+    monkeypatch.setattr(products, "BF16_PRODUCTS", True)
+    modes: dict[str, str] = {}
+    for name in ("_forward", "_backward", "_single_pass", "_single_pass_rows"):
+        inner = getattr(chunked, name)
+
+        def spy(*args, name=name, inner=inner):
+            modes[name] = torch.backends.mkldnn.matmul.fp32_precision
+            return inner(*args)
+
+        monkeypatch.setattr(chunked, name, spy)
+    case = make_case((3, 11), 40, 301, seed=5, bias=True)
+    assert_parity(case, "chunked", torch.bfloat16, keep_ratio=keep_ratio, reduction=reduction)
+    expected = {"_single_pass_rows"} if keep_ratio == 1.0 and reduction == "mean" else {"_forward", "_backward"}
+    assert modes == dict.fromkeys(expected, "bf16")
