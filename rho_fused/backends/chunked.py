@@ -224,8 +224,8 @@ class _Stats:
     """Per row of a block: the largest logit ``m``, ``lse``, the target's logit and ``sum_v z_v``,
     from per-tile slots that any worker writes, merged in tile order (in fp64 for ``lse``).
 
-    A tile's logsumexp is ``max z - max log_softmax(z)`` (both at the largest logit, where
-    ``log_softmax`` is nearest 0), as PyTorch's ``log_softmax`` over the whole row would give it.
+    A tile's logsumexp is ``m + log sum exp(z - m)``, ``m`` its largest logit per row, as PyTorch's
+    ``log_softmax`` forms it; in place in the tile when the caller drops it after (``scratch``).
     """
 
     def __init__(self, p: LossProblem, n_tiles: int, n_rows: int, device: torch.device) -> None:
@@ -235,17 +235,19 @@ class _Stats:
         self.z_target = torch.zeros(n_rows, dtype=dtype, device=device)
         self.tile_sum = torch.empty(n_tiles, n_rows, dtype=dtype, device=device) if p.label_smoothing else None
 
-    def add(self, k: int, z: Tensor, hit: Tensor, col: Tensor, dim: int) -> None:
+    def add(self, k: int, z: Tensor, hit: Tensor, col: Tensor, dim: int, scratch: bool = False) -> None:
         """Tile ``k``'s logits ``z``, rows along ``dim`` (0: ``[rows, cols]``, 1: ``[cols, rows]``);
-        ``hit``, ``col``: the rows whose target it holds, and where."""
+        ``hit``, ``col``: the rows whose target it holds, and where; ``scratch``: ``z`` may be overwritten."""
         z_rows = z if dim == 0 else z.T
         self.z_target[hit] = z_rows[hit, col]
         if self.tile_sum is not None:
             self.tile_sum[k] = z_rows.sum(1)
-        log_probs = torch.log_softmax(z, dim=1 - dim)
-        z_max = z.amax(1 - dim)  # -inf where a bias masks every column of the tile (log_softmax is NaN)
+        z_max = z.amax(1 - dim, keepdim=True)  # -inf where a bias masks every column of the tile
+        shifted = z.sub_(z_max) if scratch else z - z_max
+        log_sum = shifted.exp_().sum(1 - dim).log_()
+        z_max = z_max.squeeze(1 - dim)
         self.tile_max[k] = z_max
-        self.tile_lse[k] = torch.where(z_max == float("-inf"), z_max, z_max - log_probs.amax(1 - dim)).double()
+        self.tile_lse[k] = torch.where(z_max == float("-inf"), z_max, z_max + log_sum).double()
 
     def merge(self) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
         """``(m, lse (fp64), z_target, z_sum)`` of each row."""
@@ -285,7 +287,7 @@ def _forward(p: LossProblem) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | N
         def item(k: int, h: Tensor = h, tiles: list = tiles, stats: _Stats = stats) -> None:
             cols, hit, col = tiles[k]
             z = products.linear(h, w[cols].to(dtype), None if b is None else b[cols])
-            stats.add(k, _capped(p, z), hit, col, 0)
+            stats.add(k, _capped(p, z), hit, col, 0, scratch=True)
 
         workers.run(item, len(tiles), threads)
         m_rows, lse_rows, z_target, z_sum_rows = stats.merge()
