@@ -309,12 +309,13 @@ def test_bias_masking_whole_tiles(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("keep_ratio,reduction", [(0.6, "mean"), (0.6, "none"), (1.0, "mean")])
 @pytest.mark.parametrize("blocks", ["one", "several"])
-def test_weight_gradient_of_16_bit_weights(monkeypatch, dtype, reduction, blocks):
+def test_weight_gradient_of_16_bit_weights(monkeypatch, dtype, keep_ratio, reduction, blocks):
     """16-bit weights: when one block of rows holds every kept row (its buffers no larger than an
     fp32 d W), d W is written once in the weight's dtype, each tile scaled and rounded once; over
-    several blocks it is summed in fp32. Both as near the fp64 truth as PyTorch."""
+    several blocks it is summed in fp32. Plain CE then takes two passes rather than the one pass,
+    which holds the head and d W in fp32. All as near the fp64 truth as PyTorch."""
     direct: list[bool] = []
     result = chunked._Grads.result
 
@@ -323,8 +324,11 @@ def test_weight_gradient_of_16_bit_weights(monkeypatch, dtype, reduction, blocks
         return result(self)
 
     monkeypatch.setattr(chunked._Grads, "result", spy)
-    # 20 kept rows: one block needs 3 * 12 * 20 * 24 / 2 elements, under 500 * 24, over 97 * 24
-    vocab = 500 if blocks == "one" else 97
+    count = CountSinglePass(monkeypatch)
+    # 20 to 33 kept rows: one block needs 3 * 12 * rows * 24 / 2 elements, under 1000 * 24, over 97 * 24
+    vocab = 1000 if blocks == "one" else 97
     case = make_case((3, 11), 24, vocab, seed=13, bias=True, ignore_frac=0.1)
-    assert_parity(case, "chunked", dtype, keep_ratio=0.6, reduction=reduction)
-    assert direct == [blocks == "one"]
+    assert_parity(case, "chunked", dtype, keep_ratio=keep_ratio, reduction=reduction)
+    one_pass = keep_ratio == 1.0 and blocks == "several"
+    assert count.calls == one_pass
+    assert direct == ([] if one_pass else [blocks == "one"])

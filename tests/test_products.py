@@ -85,7 +85,14 @@ def test_chunked_bf16_in_the_mode_matches_pytorch(monkeypatch, keep_ratio, reduc
             return inner(*args)
 
         monkeypatch.setattr(chunked, name, spy)
-    case = make_case((3, 11), 40, 301, seed=5, bias=True)
+    # a backward of several blocks of rows: plain CE then takes the one pass
+    for name, value in (
+        ("BACKWARD_BUDGET_BYTES", 6 * 12 * 40 * 4),
+        ("BACKWARD_BUDGET_OF_DW", 0.0),
+        ("ONE_BLOCK_OF_DW", 0.0),
+    ):
+        monkeypatch.setattr(chunked, name, value)
+    case = make_case((3, 11), 40, 97, seed=5, bias=True)
     assert_parity(case, "chunked", torch.bfloat16, keep_ratio=keep_ratio, reduction=reduction)
     expected = {"_single_pass_rows"} if keep_ratio == 1.0 and reduction == "mean" else {"_forward", "_backward"}
     assert modes == dict.fromkeys(expected, "bf16")

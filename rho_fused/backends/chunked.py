@@ -78,6 +78,10 @@ SINGLE_PASS_SMALL_BYTES = 4 * 2**20
 MIN_SINGLE_PASS_ROWS = 128
 # Elements of one tile of the one-pass path: its columns are this over the block's rows.
 SINGLE_PASS_TILE_ELEMS = 2**19
+# With weights narrower than the compute dtype (bf16), the backward takes every kept row in one block,
+# and writes d W once in the weight's dtype, while that block's buffers are at most this fraction of
+# an fp32 d W, which several blocks would sum into.
+ONE_BLOCK_OF_DW = 1.0
 # d hidden is summed over the vocabulary's tiles in this many fixed groups of tiles, one partial sum
 # each, added in order at the end: the groups are the backward's work items, and the sum does not
 # depend on which worker ran which group.
@@ -125,15 +129,15 @@ def backward_tile(p: LossProblem, n_rows: int, row_buffers: int = 2 + DH_GROUPS,
     of it; the columns fill the rest.
 
     With a weight narrower than the compute dtype (bf16), every row goes in one block when that
-    block's buffers take no more than the wider ``d W`` that several blocks would sum into: ``d W``
-    is then written once, in the weight's dtype (`_Grads`).
+    block's buffers take no more than ``ONE_BLOCK_OF_DW`` of the wider ``d W`` that several blocks
+    would sum into: ``d W`` is then written once, in the weight's dtype (`_Grads`).
     """
     n_vocab, dim = p.weight.shape[0], max(1, p.weight.shape[1])  # D = 0: logits are the bias alone
     elems = max(1, BACKWARD_BUDGET_BYTES // p.compute_dtype.itemsize, int(n_vocab * dim * BACKWARD_BUDGET_OF_DW))
     tiles = 1 if p.bias is None and p.softcap is None else 2
     buffers = row_buffers + threads
     one_block = 3 * buffers * n_rows * dim // 2
-    if p.weight.dtype.itemsize < p.compute_dtype.itemsize and one_block <= n_vocab * dim:
+    if p.weight.dtype.itemsize < p.compute_dtype.itemsize and one_block <= ONE_BLOCK_OF_DW * n_vocab * dim:
         elems = max(elems, one_block)
     rows = _even(n_rows, 2 * elems // (3 * buffers * dim))
     cols = (elems - buffers * rows * dim) // (threads * (tiles * rows + 2 * dim))
@@ -672,6 +676,10 @@ def single_pass_applies(p: LossProblem) -> bool:
     plain = p.keep_ratio >= 1 and p.selection == "topk" and not p.weighted
     n = p.targets.shape[0]
     fits = single_pass_tile(p, n)[0] >= min(n, MIN_SINGLE_PASS_ROWS)
+    # With a weight narrower than the compute dtype (bf16), the one pass holds the head and d W in
+    # the compute dtype; two passes whose backward takes every row in one block hold neither.
+    if fits and p.weight.dtype.itemsize < p.compute_dtype.itemsize:
+        fits = backward_tile(p, n, 2 + DH_GROUPS, workers.threads_for(p.hidden.device))[0] < n
     return plain and fits and p.reduction != "none" and p.scope != "global"
 
 
