@@ -58,22 +58,26 @@ def flop_floor(n: int, d: int, v: int, keep_ratio: float, task: str) -> float:
 class MatmulRate:
     """The machine's GEMM rate in ``dtype``: a 2048 x 2048 x 2048 product by each GEMM torch offers.
 
-    ``torch.mm`` (MKL or oneDNN on CPU, into a preallocated output) and, on CPU, oneDNN's linear; the
-    floor uses the faster of the two, so that it flatters no method.
+    ``torch.mm`` (MKL or oneDNN on CPU, into a preallocated output) and, on CPU, oneDNN's linear;
+    for a 16-bit ``dtype`` the same in fp32 too (a CPU without bf16 units emulates bf16 more slowly
+    than fp32). The floor uses the fastest, so that it flatters no method.
     """
 
     SIZE = 2048
 
     def __init__(self, device: str, dtype: torch.dtype = torch.float32) -> None:
         g = torch.Generator(device="cpu").manual_seed(1)
-        self.a = torch.randn(self.SIZE, self.SIZE, generator=g).to(device, dtype)
-        self.b = torch.randn(self.SIZE, self.SIZE, generator=g).to(device, dtype)
-        self.out = torch.empty_like(self.a)
         self.flops = 2.0 * self.SIZE**3
-        self.gemms: dict[str, Callable[[], object]] = {"mm": lambda: torch.mm(self.a, self.b.T, out=self.out)}
-        if device == "cpu" and torch.backends.mkldnn.is_available():
-            linear = torch.ops.mkldnn._linear_pointwise
-            self.gemms["onednn"] = lambda: linear(self.a, self.b, None, "none", [], "")
+        self.gemms: dict[str, Callable[[], object]] = {}
+        onednn = device == "cpu" and torch.backends.mkldnn.is_available()
+        linear = torch.ops.mkldnn._linear_pointwise if onednn else None
+        for dt in dict.fromkeys((dtype, torch.float32)):
+            a, b = (torch.randn(self.SIZE, self.SIZE, generator=g).to(device, dt) for _ in range(2))
+            suffix = "" if dt == dtype else "_fp32"
+            out = torch.empty_like(a)
+            self.gemms["mm" + suffix] = lambda a=a, b=b, out=out: torch.mm(a, b.T, out=out)
+            if linear is not None:
+                self.gemms["onednn" + suffix] = lambda a=a, b=b: linear(a, b, None, "none", [], "")
 
     def rates(self, device: str) -> dict[str, float]:
         """flop/s of one call of each GEMM."""

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from cases import IGNORE, Case, assert_parity, make_case, run
 
 import rho_fused
-from rho_fused.backends import chunked, products
+from rho_fused.backends import chunked, products, workers
 from rho_fused.validation import make_problem
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -20,7 +20,9 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 @pytest.fixture(autouse=True)
 def small_chunks(monkeypatch):
     """Tiles of a few rows and 16 columns, so every shape below spans several blocks of rows and of
-    columns, the last ones short; the one-pass path (plain CE) in blocks of 9 rows and 16 columns."""
+    columns, the last ones short; the one-pass path (plain CE) in blocks of 9 rows and 16 columns,
+    by rows (products in place, whatever this CPU's measurement would choose)."""
+    monkeypatch.setattr(products, "IN_PLACE_PRODUCTS", True)
     monkeypatch.setattr(chunked, "MIN_TILE_COLS", 16)
     monkeypatch.setattr(chunked, "FORWARD_BUDGET_BYTES", 7 * 97 * 4 * 2)
     monkeypatch.setattr(chunked, "BACKWARD_BUDGET_BYTES", 8 * 6 * 24 * 4)
@@ -324,8 +326,9 @@ def test_weight_gradient_of_16_bit_weights(monkeypatch, dtype, keep_ratio, reduc
         return result(self)
 
     monkeypatch.setattr(chunked._Grads, "result", spy)
+    monkeypatch.setattr(workers, "threads_for", lambda device: 2)
     count = CountSinglePass(monkeypatch)
-    # 20 to 33 kept rows: one block needs 3 * 12 * rows * 24 / 2 elements, under 1000 * 24, over 97 * 24
+    # 20 to 33 kept rows, 2 workers: one block needs 3 * 12 * rows * 24 / 2 elements, under 1000 * 24, over 97 * 24
     vocab = 1000 if blocks == "one" else 97
     case = make_case((3, 11), 24, vocab, seed=13, bias=True, ignore_frac=0.1)
     assert_parity(case, "chunked", dtype, keep_ratio=keep_ratio, reduction=reduction)

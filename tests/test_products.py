@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 from cases import assert_parity, make_case
@@ -39,6 +41,36 @@ def test_bf16_products_set_the_mode_and_restore_it(monkeypatch):
 
 
 @needs_modes
+def test_bf16_products_of_overlapping_threads_restore_the_mode_once(monkeypatch):
+    """A enters, B enters, A leaves (B still inside: still bf16), B leaves: the mode found first is back."""
+    monkeypatch.setattr(products, "BF16_PRODUCTS", True)
+    matmul = torch.backends.mkldnn.matmul
+    before = matmul.fp32_precision
+    a_in, a_out, b_in = threading.Event(), threading.Event(), threading.Event()
+    seen: list[str] = []
+
+    def thread_a() -> None:
+        with products.bf16_products(*_bf16_pair()):
+            a_in.set()
+            b_in.wait(5)
+        a_out.set()
+
+    def thread_b() -> None:
+        a_in.wait(5)
+        with products.bf16_products(*_bf16_pair()):
+            b_in.set()
+            a_out.wait(5)
+            seen.append(matmul.fp32_precision)
+
+    threads = [threading.Thread(target=thread_a), threading.Thread(target=thread_b)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert seen == ["bf16"] and matmul.fp32_precision == before and products._mode_users == 0
+
+
+@needs_modes
 def test_bf16_values_multiply_as_in_fp32_and_others_round():
     """In the mode, operands holding bf16 values give the fp32 product's accuracy (their rounding to
     bf16 is exact); other fp32 operands are rounded to bf16 first, where the CPU runs the mode."""
@@ -50,10 +82,12 @@ def test_bf16_values_multiply_as_in_fp32_and_others_round():
     scale = 16.0  # ~ sqrt(256): the products' size
     assert (exact.double() - a16.double() @ b16.double().T).abs().max() <= 1e-5 * scale
     err = (rounded.double() - a.double() @ b16.double().T).abs().max().item()
-    if on:  # a's rounding to bf16: relative 2^-9 per term, ~ 2^-9 * scale over the sum
-        assert 1e-4 * scale < err < 2e-2 * scale
-    else:
+    if not on:
         assert err <= 1e-5 * scale
+    else:  # a rounded to bf16: ~ 2^-9 * scale over the sum, where the CPU honours the mode (AMX does)
+        assert err < 2e-2 * scale
+        if torch.cpu._is_amx_tile_supported():
+            assert err > 1e-4 * scale
 
 
 @needs_modes
@@ -76,6 +110,7 @@ def test_chunked_bf16_in_the_mode_matches_pytorch(monkeypatch, keep_ratio, reduc
     """bf16 inputs with the mode forced on (any CPU): every product of the forward and the backward
     ran in it, and the loss and gradients are as near the fp64 truth as PyTorch's in bf16."""
     monkeypatch.setattr(products, "BF16_PRODUCTS", True)
+    monkeypatch.setattr(products, "IN_PLACE_PRODUCTS", True)  # the one pass by rows
     modes: dict[str, str] = {}
     for name in ("_forward", "_backward", "_single_pass", "_single_pass_rows"):
         inner = getattr(chunked, name)

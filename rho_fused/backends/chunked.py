@@ -36,7 +36,8 @@ How it stays near the matmul floor ``(2 + 6 r) N D V`` (measurements in ``bench/
   (`products.bf16_products`): 2-3x the fp32 rate on AMX.
 - Backward tiles are ``[cols, rows]``, so ``-m`` of each row is the product's bias and
   ``exp_((z - m) - s)`` in place gives the softmax; a ``g`` common to all tokens scales the sums
-  once at the end, never the tile (per-token ``g``, for reduction "none", costs one pass over each tile).
+  once at the end (or ``d W_c`` as it is written, when written once), never the tile (per-token
+  ``g``, for reduction "none", costs one pass over each tile).
 - Rows are views of ``hidden`` when every token is valid; otherwise one gather per block of rows.
   When one block holds every kept row, the backward gathers them into ``d hidden``'s storage,
   which is free until ``d hidden`` is written at the end.
@@ -78,7 +79,7 @@ SINGLE_PASS_SMALL_BYTES = 4 * 2**20
 MIN_SINGLE_PASS_ROWS = 128
 # Elements of one tile of the one-pass path: its columns are this over the block's rows.
 SINGLE_PASS_TILE_ELEMS = 2**19
-# With weights narrower than the compute dtype (bf16), the backward takes every kept row in one block,
+# With weights narrower than the compute dtype (bf16, fp16), the backward takes every kept row in one block,
 # and writes d W once in the weight's dtype, while that block's buffers are at most this fraction of
 # an fp32 d W, which several blocks would sum into.
 ONE_BLOCK_OF_DW = 1.0
@@ -125,10 +126,11 @@ def backward_tile(p: LossProblem, n_rows: int, row_buffers: int = 2 + DH_GROUPS,
     Working set, in elements: ``row_buffers R D`` (the gathered rows, the partial sums of
     d hidden^T; one fewer when the rows live in d hidden's storage) and, per worker, ``k R C``
     (the tile; k = 2 with a bias or softcap) ``+ R D`` (its product into d hidden) ``+ 2 C D``
-    (d W_c, and the operand copied for d hidden). The ``[R, D]`` buffers take at most two thirds
+    (d W_c, and the operand copied for d hidden; for a 16-bit weight, ``W_c`` in the compute dtype
+    and the product ``d W_c`` before its rounding). The ``[R, D]`` buffers take at most two thirds
     of it; the columns fill the rest.
 
-    With a weight narrower than the compute dtype (bf16), every row goes in one block when that
+    With a weight narrower than the compute dtype (bf16, fp16), every row goes in one block when that
     block's buffers take no more than ``ONE_BLOCK_OF_DW`` of the wider ``d W`` that several blocks
     would sum into: ``d W`` is then written once, in the weight's dtype (`_Grads`).
     """
@@ -136,7 +138,7 @@ def backward_tile(p: LossProblem, n_rows: int, row_buffers: int = 2 + DH_GROUPS,
     elems = max(1, BACKWARD_BUDGET_BYTES // p.compute_dtype.itemsize, int(n_vocab * dim * BACKWARD_BUDGET_OF_DW))
     tiles = 1 if p.bias is None and p.softcap is None else 2
     buffers = row_buffers + threads
-    one_block = 3 * buffers * n_rows * dim // 2
+    one_block = -(-3 * buffers * n_rows * dim // 2)
     if p.weight.dtype.itemsize < p.compute_dtype.itemsize and one_block <= ONE_BLOCK_OF_DW * n_vocab * dim:
         elems = max(elems, one_block)
     rows = _even(n_rows, 2 * elems // (3 * buffers * dim))
@@ -310,7 +312,8 @@ class _Grads:
 
     A tile holds ``softmax(z_i) - onehot(t_i)`` in column ``i``, times ``g_i`` when ``g`` differs
     per token; a ``g`` common to all tokens (reductions "mean", "sum") scales the sums once instead
-    (``d hidden`` per block, ``d W`` and ``d b`` at the end). In place, ``d W_c += tile @ h`` and
+    (``d hidden`` per block, ``d W`` and ``d b`` at the end; ``d W_c`` as it is written when it is
+    written once, in the weight's dtype). In place, ``d W_c += tile @ h`` and
     ``(d h)^T += W_c^T @ tile``; through oneDNN, the tile is the operand layout it reads best for
     ``d W_c``, and ``(d h)^T`` copies one operand per tile. Tiles of different columns may run on
     different workers: ``d W_c`` and ``d b_c`` are theirs alone, and ``(d h)^T`` has one partial

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 from collections.abc import Callable, Iterator
 
@@ -24,6 +25,10 @@ IN_PLACE_PRODUCTS: bool | None = None
 BF16_PRODUCTS: bool | None = None
 
 _measured: dict[str, bool] = {}
+# `bf16_products` of every thread: how many are inside, and the mode to restore when the last leaves.
+_mode_lock = threading.Lock()
+_mode_users = 0
+_mode_before: str | None = None
 
 
 def _onednn_linear():
@@ -80,6 +85,13 @@ def in_place(device: torch.device, dtype: torch.dtype) -> bool:
     return _measured[mode]
 
 
+def _bf16_units() -> bool:
+    """Whether this CPU multiplies bf16 in hardware: AMX tiles or AVX512-BF16 (oneDNN's own check,
+    ``torch.ops.mkldnn._is_mkldnn_bf16_supported``, accepts any AVX-512 CPU)."""
+    cpu = torch.cpu
+    return any(getattr(cpu, name, lambda: False)() for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
+
+
 def bf16_available(hidden: Tensor, weight: Tensor) -> bool:
     """Whether `bf16_products` runs products in bf16 for these inputs: both bf16, on a CPU with bf16
     units (or as `BF16_PRODUCTS` says), with a torch that has oneDNN's fp32 precision modes (2.9+)."""
@@ -89,7 +101,7 @@ def bf16_available(hidden: Tensor, weight: Tensor) -> bool:
         return False
     if BF16_PRODUCTS is not None:
         return BF16_PRODUCTS
-    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return _bf16_units()
 
 
 @contextlib.contextmanager
@@ -100,15 +112,26 @@ def bf16_products(hidden: Tensor, weight: Tensor) -> Iterator[bool]:
     The operands are the inputs' bf16 values in fp32, so ``hidden @ W^T`` is as exact as in fp32;
     ``d z``, computed in fp32, is rounded to bf16 in ``d z @ W`` and ``d z^T @ hidden``, as PyTorch's
     bf16 backward rounds it; every sum stays in fp32. On AMX this ran 2-3x the fp32 rate
-    (bench/NOTES.md). The mode is process-wide: fp32 products of other threads meanwhile run in bf16 too.
+    (bench/NOTES.md).
+
+    The mode is process-wide: meanwhile, fp32 products of other threads run in bf16 too, and
+    ``torch.get_float32_matmul_precision()`` raises (the legacy setting disagrees with it). Threads
+    inside at once share it; the last to leave restores the mode found by the first to enter.
     """
+    global _mode_users, _mode_before
     if not bf16_available(hidden, weight):
         yield False
         return
     matmul = torch.backends.mkldnn.matmul
-    before = matmul.fp32_precision
-    matmul.fp32_precision = "bf16"
+    with _mode_lock:
+        if _mode_users == 0:
+            _mode_before = matmul.fp32_precision
+            matmul.fp32_precision = "bf16"
+        _mode_users += 1
     try:
         yield True
     finally:
-        matmul.fp32_precision = before
+        with _mode_lock:
+            _mode_users -= 1
+            if _mode_users == 0:
+                matmul.fp32_precision = _mode_before
