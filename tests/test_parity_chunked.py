@@ -335,3 +335,15 @@ def test_weight_gradient_of_16_bit_weights(monkeypatch, dtype, keep_ratio, reduc
     one_pass = keep_ratio == 1.0 and blocks == "several"
     assert count.calls == one_pass
     assert direct == ([] if one_pass else [blocks == "one"])
+
+
+def test_plain_ce_of_16_bit_weights_counts_valid_rows(monkeypatch):
+    """Whether the one-block backward fits is judged on the valid rows: 33 tokens, half ignored, fit
+    one block at V = 400 (432 elements a row against 400 * 24), where all 33 would not."""
+    monkeypatch.setattr(workers, "threads_for", lambda device: 2)
+    count = CountSinglePass(monkeypatch)
+    case = make_case((3, 11), 24, 400, seed=21, ignore_frac=0.5)
+    n_valid = int((case.targets != IGNORE).sum())
+    assert 432 * n_valid <= 400 * 24 < 432 * 33
+    assert_parity(case, "chunked", torch.bfloat16, keep_ratio=1.0, reduction="mean")
+    assert count.calls == 0

@@ -680,9 +680,10 @@ def single_pass_applies(p: LossProblem) -> bool:
     n = p.targets.shape[0]
     fits = single_pass_tile(p, n)[0] >= min(n, MIN_SINGLE_PASS_ROWS)
     # With a weight narrower than the compute dtype (bf16), the one pass holds the head and d W in
-    # the compute dtype; two passes whose backward takes every row in one block hold neither.
+    # the compute dtype; two passes whose backward takes every valid row in one block hold neither.
     if fits and p.weight.dtype.itemsize < p.compute_dtype.itemsize:
-        fits = backward_tile(p, n, 2 + DH_GROUPS, workers.threads_for(p.hidden.device))[0] < n
+        n_valid = int(p.valid.sum())
+        fits = backward_tile(p, n_valid, 2 + DH_GROUPS, workers.threads_for(p.hidden.device))[0] < n_valid
     return plain and fits and p.reduction != "none" and p.scope != "global"
 
 
