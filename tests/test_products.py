@@ -41,6 +41,17 @@ def test_bf16_products_set_the_mode_and_restore_it(monkeypatch):
 
 
 @needs_modes
+def test_bf16_products_only_where_the_cpu_has_bf16_units(monkeypatch):
+    """oneDNN's own check accepts any AVX-512 CPU: the mode needs AMX tiles or AVX512-BF16."""
+    monkeypatch.setattr(products, "BF16_PRODUCTS", None)
+    pair = _bf16_pair()
+    for amx, avx512_bf16 in ((False, False), (True, False), (False, True)):
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda amx=amx: amx)
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v)
+        assert products.bf16_available(*pair) == (amx or avx512_bf16)
+
+
+@needs_modes
 def test_bf16_products_of_overlapping_threads_restore_the_mode_once(monkeypatch):
     """A enters, B enters, A leaves (B still inside: still bf16), B leaves: the mode found first is back."""
     monkeypatch.setattr(products, "BF16_PRODUCTS", True)
