@@ -146,6 +146,17 @@ def backward_tile(p: LossProblem, n_rows: int, row_buffers: int = 2 + DH_GROUPS,
     return rows, _cols(n_vocab, cols)
 
 
+def _backward_plan(p: LossProblem, n_kept: int, threads: int, dh_can_hold_rows: bool) -> tuple[int, int, bool]:
+    """``(rows, cols, rows_in_dh)`` of `_backward` over ``n_kept`` rows. When one block holds every
+    kept row and d hidden is in the compute dtype (``dh_can_hold_rows``), d hidden's storage holds
+    the gathered rows until it is written: one ``[rows, D]`` buffer fewer in the budget."""
+    if dh_can_hold_rows:
+        rows, cols = backward_tile(p, n_kept, 1 + DH_GROUPS, threads)
+        if rows == n_kept:
+            return rows, cols, True
+    return (*backward_tile(p, n_kept, 2 + DH_GROUPS, threads), False)
+
+
 def _single_pass_budget(p: LossProblem, n_rows: int) -> int:
     """Bytes the one-pass path may hold over ``n_rows`` rows (see ``SINGLE_PASS_BUDGET_BYTES``)."""
     n_vocab, dim = p.weight.shape
@@ -448,12 +459,8 @@ def _backward(
     common = g.numel() == 1 and a is None
     scale = g if common else g.new_ones(1)
     threads = workers.threads_for(p.hidden.device)
-    # When one block holds every kept row, d hidden's storage can hold the gathered rows until
-    # d hidden is written: one [rows, D] buffer fewer in the budget.
-    step, width = backward_tile(p, n_kept, 1 + DH_GROUPS, threads)
-    grads.rows_in_dh = grads.dh is not None and grads.dh.dtype == dtype and step == n_kept
-    if not grads.rows_in_dh:
-        step, width = backward_tile(p, n_kept, 2 + DH_GROUPS, threads)
+    dh_can_hold_rows = grads.dh is not None and grads.dh.dtype == dtype
+    step, width, grads.rows_in_dh = _backward_plan(p, n_kept, threads, dh_can_hold_rows)
     for pos, h, t in _row_blocks(p, kept_idx, False, step, out=grads.dh if grads.rows_in_dh else None):
         h = h.to(dtype)
         rows = kept_idx[pos]
@@ -683,7 +690,8 @@ def single_pass_applies(p: LossProblem) -> bool:
     # the compute dtype; two passes whose backward takes every valid row in one block hold neither.
     if fits and p.weight.dtype.itemsize < p.compute_dtype.itemsize:
         n_valid = int(p.valid.sum())
-        fits = backward_tile(p, n_valid, 2 + DH_GROUPS, workers.threads_for(p.hidden.device))[0] < n_valid
+        threads = workers.threads_for(p.hidden.device)
+        fits = _backward_plan(p, n_valid, threads, p.hidden.dtype == p.compute_dtype)[0] < n_valid
     return plain and fits and p.reduction != "none" and p.scope != "global"
 
 
