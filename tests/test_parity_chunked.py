@@ -310,19 +310,23 @@ def test_bias_masking_whole_tiles(dtype):
         torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize(
+    "dtype,bf16_products", [(torch.bfloat16, False), (torch.bfloat16, True), (torch.float16, None)], ids=str
+)
 @pytest.mark.parametrize("keep_ratio,reduction", [(0.6, "mean"), (0.6, "none"), (1.0, "mean")])
 @pytest.mark.parametrize("blocks", ["one", "several"])
-def test_weight_gradient_of_16_bit_weights(monkeypatch, dtype, keep_ratio, reduction, blocks):
+def test_weight_gradient_of_16_bit_weights(monkeypatch, dtype, bf16_products, keep_ratio, reduction, blocks):
     """16-bit weights: when one block of rows holds every kept row (its buffers no larger than an
     fp32 d W), d W is written once in the weight's dtype, each tile scaled and rounded once; over
-    several blocks it is summed in fp32. Plain CE then takes two passes rather than the one pass,
-    which holds the head and d W in fp32. All as near the fp64 truth as PyTorch."""
-    direct: list[bool] = []
+    several blocks it is summed in fp32. With bf16 products that one write is a product of bf16
+    operands. Plain CE then takes two passes rather than the one pass, which holds the head and d W
+    in fp32. All as near the fp64 truth as PyTorch."""
+    monkeypatch.setattr(products, "BF16_PRODUCTS", bf16_products)
+    direct: list[tuple[bool, bool]] = []
     result = chunked._Grads.result
 
     def spy(self):
-        direct.append(self.direct_dw)
+        direct.append((self.direct_dw, self.h_bf16 is not None))
         return result(self)
 
     monkeypatch.setattr(chunked._Grads, "result", spy)
@@ -334,16 +338,36 @@ def test_weight_gradient_of_16_bit_weights(monkeypatch, dtype, keep_ratio, reduc
     assert_parity(case, "chunked", dtype, keep_ratio=keep_ratio, reduction=reduction)
     one_pass = keep_ratio == 1.0 and blocks == "several"
     assert count.calls == one_pass
-    assert direct == ([] if one_pass else [blocks == "one"])
+    bf16_units = products.bf16_available(case.hidden.to(dtype), case.weight.to(dtype))
+    bf16_dw = blocks == "one" and bool(bf16_products) and bf16_units
+    assert direct == ([] if one_pass else [(blocks == "one", bf16_dw)])
+
+
+@pytest.mark.parametrize(
+    "keep_ratio,reduction,one_block", [(1.0, "mean", True), (1.0, "none", False), (0.6, "mean", False)]
+)
+def test_one_block_allowance_of_plain_ce(keep_ratio, reduction, one_block):
+    """33 rows of bf16, D = 24, V = 320, 2 workers: one block's buffers (3 * 12 * 33 * 24 / 2) are
+    between one and two fp32 d W's. Plain CE, whose other choice is the one pass holding two, takes
+    one block; SLM and reduction "none", whose other choice is several blocks and one d W, do not."""
+    case = make_case((3, 11), 24, 320, seed=5)
+    bf16 = [None if x is None else x.to(torch.bfloat16) for x in (case.hidden, case.weight)]
+    problem = make_problem(
+        *bf16, case.targets, None, keep_ratio=keep_ratio, bias=None, ignore_index=IGNORE,
+        reduction=reduction, scope="batch", softcap=None,
+    )  # fmt: skip
+    assert 320 * 24 < 3 * 12 * 33 * 24 / 2 <= chunked.ONE_BLOCK_OF_DW_PLAIN * 320 * 24
+    assert (chunked.backward_tile(problem, 33, threads=2)[0] == 33) == one_block
 
 
 def test_plain_ce_of_16_bit_weights_counts_valid_rows(monkeypatch):
     """Whether the one-block backward fits is judged on the valid rows: 33 tokens, half ignored, fit
-    one block at V = 400 (432 elements a row against 400 * 24), where all 33 would not."""
+    one block at V = 250 (432 elements a row against 2 * 250 * 24, plain CE's allowance), where all
+    33 would not."""
     monkeypatch.setattr(workers, "threads_for", lambda device: 2)
     count = CountSinglePass(monkeypatch)
-    case = make_case((3, 11), 24, 400, seed=21, ignore_frac=0.5)
+    case = make_case((3, 11), 24, 250, seed=21, ignore_frac=0.5)
     n_valid = int((case.targets != IGNORE).sum())
-    assert 432 * n_valid <= 400 * 24 < 432 * 33
+    assert 432 * n_valid <= chunked.ONE_BLOCK_OF_DW_PLAIN * 250 * 24 < 432 * 33
     assert_parity(case, "chunked", torch.bfloat16, keep_ratio=1.0, reduction="mean")
     assert count.calls == 0

@@ -83,6 +83,9 @@ SINGLE_PASS_TILE_ELEMS = 2**19
 # and writes d W once in the weight's dtype, while that block's buffers are at most this fraction of
 # an fp32 d W, which several blocks would sum into.
 ONE_BLOCK_OF_DW = 1.0
+# For plain cross-entropy, whose alternative is the one pass holding the head and d W in the compute
+# dtype: two fp32 d W's.
+ONE_BLOCK_OF_DW_PLAIN = 2.0
 # d hidden is summed over the vocabulary's tiles in this many fixed groups of tiles, one partial sum
 # each, added in order at the end: the groups are the backward's work items, and the sum does not
 # depend on which worker ran which group.
@@ -106,6 +109,13 @@ def _even(n: int, most: int) -> int:
     """Rows per block when ``n`` rows go in blocks of at most ``most``, as evenly as possible."""
     blocks = -(-n // max(1, most))
     return max(1, -(-n // max(1, blocks)))
+
+
+def _plain(p: LossProblem) -> bool:
+    """Whether every valid token is kept with weight 1 and the upstream gradient is one value: plain
+    cross-entropy (``keep_ratio=1``), reduction "mean" or "sum", within one process's tokens."""
+    plain = p.keep_ratio >= 1 and p.selection == "topk" and not p.weighted
+    return plain and p.reduction != "none" and p.scope != "global"
 
 
 def forward_tile(p: LossProblem, n_rows: int, threads: int = 1) -> tuple[int, int]:
@@ -132,14 +142,16 @@ def backward_tile(p: LossProblem, n_rows: int, row_buffers: int = 2 + DH_GROUPS,
 
     With a weight narrower than the compute dtype (bf16, fp16), every row goes in one block when that
     block's buffers take no more than ``ONE_BLOCK_OF_DW`` of the wider ``d W`` that several blocks
-    would sum into: ``d W`` is then written once, in the weight's dtype (`_Grads`).
+    would sum into (``ONE_BLOCK_OF_DW_PLAIN`` for plain cross-entropy): ``d W`` is then written once,
+    in the weight's dtype (`_Grads`).
     """
     n_vocab, dim = p.weight.shape[0], max(1, p.weight.shape[1])  # D = 0: logits are the bias alone
     elems = max(1, BACKWARD_BUDGET_BYTES // p.compute_dtype.itemsize, int(n_vocab * dim * BACKWARD_BUDGET_OF_DW))
     tiles = 1 if p.bias is None and p.softcap is None else 2
     buffers = row_buffers + threads
     one_block = -(-3 * buffers * n_rows * dim // 2)
-    if p.weight.dtype.itemsize < p.compute_dtype.itemsize and one_block <= ONE_BLOCK_OF_DW * n_vocab * dim:
+    allowance = ONE_BLOCK_OF_DW_PLAIN if _plain(p) else ONE_BLOCK_OF_DW
+    if p.weight.dtype.itemsize < p.compute_dtype.itemsize and one_block <= allowance * n_vocab * dim:
         elems = max(elems, one_block)
     rows = _even(n_rows, 2 * elems // (3 * buffers * dim))
     cols = (elems - buffers * rows * dim) // (threads * (tiles * rows + 2 * dim))
@@ -329,6 +341,11 @@ class _Grads:
     ``d W_c``, and ``(d h)^T`` copies one operand per tile. Tiles of different columns may run on
     different workers: ``d W_c`` and ``d b_c`` are theirs alone, and ``(d h)^T`` has one partial
     sum per group of tiles (`_groups`), added in order by `end_rows`.
+
+    ``d W_c`` written once from bf16 inputs where the CPU multiplies bf16 (`products.bf16_available`)
+    is one product of bf16 operands, ``round(g d z)^T h``, at the bf16 rate, with an fp32
+    accumulator and one rounding of the result: PyTorch's bf16 backward rounds ``g d z`` and
+    ``d W`` so too.
     """
 
     def __init__(self, p: LossProblem, w: Tensor, b: Tensor | None, needs: tuple[bool, ...]) -> None:
@@ -345,6 +362,8 @@ class _Grads:
         self.db = torch.zeros(w.shape[0], dtype=dtype, device=w.device) if needs[2] else None
         self.first_block = True
         self.in_place = products.in_place(w.device, dtype)
+        self.bf16_dw = products.bf16_available(p.hidden, w)
+        self.h_bf16: Tensor | None = None
 
     def start_rows(self, h: Tensor, scale: Tensor, n_groups: int, last: bool) -> None:
         """A block of rows ``h`` begins (``last``: no other follows); ``scale``: the common ``g`` ([1]),
@@ -356,6 +375,18 @@ class _Grads:
             self.direct_dw = last and self.w.dtype != self.p.compute_dtype
             dtype = self.w.dtype if self.direct_dw else self.p.compute_dtype
             self.dw = torch.empty(self.w.shape, dtype=dtype, device=self.w.device)
+            if self.direct_dw and self.bf16_dw:
+                self.h_bf16 = h.to(torch.bfloat16)  # exact: the rows were bf16
+
+    def _direct_dw(self, dz_t: Tensor, cols: slice) -> None:
+        """``d W_c = g d z^T h``, written once in the weight's dtype."""
+        if self.h_bf16 is not None:
+            dz_bf16 = torch.empty(dz_t.shape, dtype=torch.bfloat16, device=dz_t.device)
+            torch.mm(torch.mul(dz_t, self.scale, out=dz_bf16), self.h_bf16, out=self.dw[cols])
+        elif self.in_place:
+            self.dw[cols] = torch.mm(dz_t, self.h).mul_(self.scale)
+        else:
+            self.dw[cols] = products.linear(dz_t, self.h.T).mul_(self.scale)
 
     def add(self, dz_t: Tensor, cols: slice, group: int, w_c: Tensor) -> None:
         """One tile ``[cols, rows]``, contiguous, of group ``group``; ``w_c``: ``W_c`` in the compute dtype."""
@@ -364,7 +395,7 @@ class _Grads:
                 self.dh_t[group].addmm_(w_c.T, dz_t)
             if self.dw is not None:
                 if self.direct_dw:
-                    self.dw[cols] = torch.mm(dz_t, self.h).mul_(self.scale)
+                    self._direct_dw(dz_t, cols)
                 elif self.first_block:
                     torch.mm(dz_t, self.h, out=self.dw[cols])
                 else:
@@ -378,13 +409,12 @@ class _Grads:
                 else:
                     self.dh_t[group].add_(products.linear(w_c.T.contiguous(), dz_t.T))
             if self.dw is not None:
-                dw_tile = products.linear(dz_t, self.h.T)
                 if self.direct_dw:
-                    self.dw[cols] = dw_tile.mul_(self.scale)
+                    self._direct_dw(dz_t, cols)
                 elif self.first_block:
-                    self.dw[cols].copy_(dw_tile)
+                    self.dw[cols].copy_(products.linear(dz_t, self.h.T))
                 else:
-                    self.dw[cols].add_(dw_tile)
+                    self.dw[cols].add_(products.linear(dz_t, self.h.T))
         if self.db is not None:
             self.db[cols].add_(dz_t.sum(1))
 
@@ -681,9 +711,8 @@ def loss_forward(p: LossProblem) -> tuple[Tensor, ...]:
 
 
 def single_pass_applies(p: LossProblem) -> bool:
-    """Whether every valid token is kept with weight 1 and the upstream gradient is one value: plain
-    cross-entropy (``keep_ratio=1``), reduction "mean" or "sum", within one process's tokens."""
-    plain = p.keep_ratio >= 1 and p.selection == "topk" and not p.weighted
+    """Whether the gradients may be formed in the forward (`_plain`), and that pays: a block of rows
+    has ``MIN_SINGLE_PASS_ROWS``, and with 16-bit weights, the backward would not take one block."""
     n = p.targets.shape[0]
     fits = single_pass_tile(p, n)[0] >= min(n, MIN_SINGLE_PASS_ROWS)
     # With a weight narrower than the compute dtype (bf16), the one pass holds the head and d W in
@@ -692,7 +721,7 @@ def single_pass_applies(p: LossProblem) -> bool:
         n_valid = int(p.valid.sum())
         threads = workers.threads_for(p.hidden.device)
         fits = _backward_plan(p, n_valid, threads, p.hidden.dtype == p.compute_dtype)[0] < n_valid
-    return plain and fits and p.reduction != "none" and p.scope != "global"
+    return _plain(p) and fits
 
 
 @_bf16_where_fast
