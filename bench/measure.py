@@ -13,6 +13,7 @@ import contextlib
 import ctypes
 import gc
 import json
+import math
 import os
 import re
 import statistics
@@ -84,14 +85,42 @@ class MatmulRate:
         return {name: self.flops / timed(gemm, device) for name, gemm in self.gemms.items()}
 
 
+class Products:
+    """The matrix products a fused step cannot avoid, each one whole-size ``torch.mm`` in the inputs'
+    dtype into a preallocated output, and nothing else: plain CE ``h W^T``, ``d z W``, ``d z^T h``
+    over all N rows (``6 N D V`` flops); SLM ``h W^T`` over all rows, then the same three over the
+    ``ceil(r N)`` kept rows (``(2 + 6 r) N D V``). Their time is the floor at these very shapes, where
+    `MatmulRate`'s 2048^3 product may run faster than a product with an inner dimension of D."""
+
+    def __init__(self, x: Inputs) -> None:
+        n, v = x.hidden.shape[0], x.weight.shape[0]
+        g = torch.Generator(device="cpu").manual_seed(2)
+        self.h, self.w = x.hidden.detach(), x.weight.detach()
+        self.z = torch.empty(n, v, dtype=self.h.dtype, device=self.h.device)
+        self.dz = (torch.randn(n, v, generator=g) / v).to(self.h)
+        self.dh, self.dw = torch.empty_like(self.h), torch.empty_like(self.w)
+        self.kept = math.ceil(x.keep_ratio * n)
+
+    def step(self, task: str) -> None:
+        rows = [self.h.shape[0]] if task == "ce" else [self.h.shape[0], self.kept]
+        for k, r in enumerate(rows):
+            torch.mm(self.h[:r], self.w.T, out=self.z[:r])
+            if k == len(rows) - 1:
+                torch.mm(self.dz[:r], self.w, out=self.dh[:r])
+                torch.mm(self.dz[:r].T, self.h[:r], out=self.dw)
+
+
 def time_methods(
     x: Inputs, methods: list[str], tasks: list[str], reps: int, device: str, dtype: torch.dtype = torch.float32
 ) -> tuple[dict[tuple[str, str], list[float]], dict[str, list[float]]]:
-    """Times of every ``(method, task)`` and of each GEMM's rate (flop/s) in ``dtype``, alternating per repetition."""
+    """Times of every ``(method, task)``, of the step's `Products` alone (method ``"products"``) and
+    of each GEMM's rate (flop/s) in ``dtype``, alternating per repetition."""
     gemm = MatmulRate(device, dtype)
+    alone = Products(x)
     jobs: dict[tuple[str, str], Callable[[], None]] = {
         (m, t): (lambda m=m, t=t: step(m, x, t)) for t in tasks for m in methods
     }
+    jobs.update({("products", t): (lambda t=t: alone.step(t)) for t in tasks})
     for job in jobs.values():  # warm-up: compilation, first-touch of pages, library buffers
         job()
     gemm.rates(device)

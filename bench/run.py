@@ -139,8 +139,13 @@ def main() -> None:
         busy = f", {args.busy} busy processes beside it" if args.busy else ""
         print(f"N={n} D={d} V={v}: load {load:.1f}{busy}, {args.dtype} GEMM GFLOP/s {gflops}", flush=True)
         for task in args.tasks:
+            alone = measure.median(times[("products", task)])
+            floor = measure.flop_floor(n, d, v, args.keep, task) / rate
+            print(f"  {task:3s} products alone {alone:8.3f} s  x floor {alone / floor:5.2f}", flush=True)
+        for task in args.tasks:
             floor = measure.flop_floor(n, d, v, args.keep, task) / rate
             naive_t = measure.median(times[("naive", task)]) if "naive" in methods else math.nan
+            products_t = measure.median(times[("products", task)])
             grads = (n * d + v * d) * dtype.itemsize / 2**20
             mems = {
                 m: (
@@ -160,6 +165,7 @@ def main() -> None:
                         time_s=t, time_min_s=min(times[(m, task)]), rate_gflops=rate / 1e9,
                         rate_mm_gflops=gemm_rates["mm"] / 1e9,
                         floor_s=floor, x_floor=t / floor, x_naive=t / naive_t,
+                        products_s=products_t, x_products=t / products_t,
                         mem_mib=mems[m], mem_x_naive=mems[m] / mems.get("naive", math.nan), grads_mib=grads,
                         work_mib=mems[m] - grads, load_1min=load,
                         work_x_naive=(mems[m] - grads) / (mems.get("naive", math.nan) - grads),
@@ -168,6 +174,7 @@ def main() -> None:
                 )  # fmt: skip
                 print(
                     f"  {task:3s} {m:10s} {t:8.3f} s  x naive {t / naive_t:5.2f}  x floor {t / floor:5.2f}"
+                    f"  x products {t / products_t:5.2f}"
                     f"  peak growth {mems[m]:6.0f} MiB ({mems[m] - grads:6.0f} beyond grads)",
                     flush=True,
                 )
