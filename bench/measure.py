@@ -86,52 +86,79 @@ class MatmulRate:
 
 
 class Products:
-    """The matrix products a fused step cannot avoid, each one whole-size ``torch.mm`` in the inputs'
-    dtype into a preallocated output, and nothing else: plain CE ``h W^T``, ``d z W``, ``d z^T h``
-    over all N rows (``6 N D V`` flops); SLM ``h W^T`` over all rows, then the same three over the
-    ``ceil(r N)`` kept rows (``(2 + 6 r) N D V``). Their time is the floor at these very shapes, where
-    `MatmulRate`'s 2048^3 product may run faster than a product with an inner dimension of D."""
+    """The matrix products a fused step cannot avoid, each one whole-size GEMM, and nothing else: plain
+    CE ``h W^T``, ``d z W`` and ``d z^T h`` over all N rows (``6 N D V`` flops); SLM ``h W^T`` over
+    all rows, then the same three over the ``ceil(r N)`` kept rows (``(2 + 6 r) N D V``).
 
-    def __init__(self, x: Inputs) -> None:
-        n, v = x.hidden.shape[0], x.weight.shape[0]
-        g = torch.Generator(device="cpu").manual_seed(2)
-        self.h, self.w = x.hidden.detach(), x.weight.detach()
-        self.z = torch.empty(n, v, dtype=self.h.dtype, device=self.h.device)
-        self.dz = (torch.randn(n, v, generator=g) / v).to(self.h)
-        self.dh, self.dw = torch.empty_like(self.h), torch.empty_like(self.w)
+    Each product runs by every GEMM that `MatmulRate` tries (``torch.mm`` into a preallocated output
+    and, on CPU, oneDNN's linear; for 16-bit inputs the same in fp32 too), timed apart; `seconds` sums
+    each product's fastest. That is the floor at these very shapes, where `MatmulRate`'s 2048^3
+    product may run faster than a product with an inner dimension of D. The values multiplied do not
+    matter: ``d z`` is the buffer of the logits.
+    """
+
+    def __init__(self, x: Inputs, device: str) -> None:
+        self.n = n = x.hidden.shape[0]
         self.kept = math.ceil(x.keep_ratio * n)
+        onednn = device == "cpu" and torch.backends.mkldnn.is_available()
+        linear = torch.ops.mkldnn._linear_pointwise if onednn else None
+        self.jobs: dict[tuple[str, str], Callable[[], object]] = {}  # (product, GEMM) -> one call
+        for dt in dict.fromkeys((x.hidden.dtype, torch.float32)):
+            h, w = x.hidden.detach().to(dt), x.weight.detach().to(dt)
+            z = torch.randn(n, w.shape[0], device=h.device, dtype=dt)
+            dh, dw = torch.empty_like(h), torch.empty_like(w)
+            suffix = "" if dt == x.hidden.dtype else "_fp32"
+            for r in dict.fromkeys((n, self.kept)):
+                hr, zr = h[:r], z[:r]
+                self.jobs.update({
+                    (f"logits {r}", "mm" + suffix): lambda hr=hr, zr=zr, w=w: torch.mm(hr, w.T, out=zr),
+                    (f"dh {r}", "mm" + suffix): lambda zr=zr, w=w, dh=dh, r=r: torch.mm(zr, w, out=dh[:r]),
+                    (f"dw {r}", "mm" + suffix): lambda zr=zr, hr=hr, dw=dw: torch.mm(zr.T, hr, out=dw),
+                })  # fmt: skip
+                if linear is not None:
+                    ht = hr.T.contiguous()  # d W^T = h^T d z: oneDNN wants its input contiguous
+                    self.jobs.update({
+                        (f"logits {r}", "onednn" + suffix): lambda hr=hr, w=w: linear(hr, w, None, "none", [], ""),
+                        (f"dh {r}", "onednn" + suffix): lambda zr=zr, w=w: linear(zr, w.T, None, "none", [], ""),
+                        (f"dw {r}", "onednn" + suffix): lambda ht=ht, zr=zr: linear(ht, zr.T, None, "none", [], ""),
+                    })  # fmt: skip
 
-    def step(self, task: str) -> None:
-        rows = [self.h.shape[0]] if task == "ce" else [self.h.shape[0], self.kept]
-        for k, r in enumerate(rows):
-            torch.mm(self.h[:r], self.w.T, out=self.z[:r])
-            if k == len(rows) - 1:
-                torch.mm(self.dz[:r], self.w, out=self.dh[:r])
-                torch.mm(self.dz[:r].T, self.h[:r], out=self.dw)
+    def pieces(self, task: str) -> list[str]:
+        """The products of one step of ``task``."""
+        r = self.n if task == "ce" else self.kept
+        return [*([] if task == "ce" else [f"logits {self.n}"]), f"logits {r}", f"dh {r}", f"dw {r}"]
+
+    def seconds(self, task: str, times: dict[tuple[str, str], list[float]]) -> float:
+        """The step's products alone: each product's fastest GEMM, medians of ``times``."""
+        return sum(min(median(t) for (piece, _), t in times.items() if piece == want) for want in self.pieces(task))
 
 
 def time_methods(
     x: Inputs, methods: list[str], tasks: list[str], reps: int, device: str, dtype: torch.dtype = torch.float32
 ) -> tuple[dict[tuple[str, str], list[float]], dict[str, list[float]]]:
-    """Times of every ``(method, task)``, of the step's `Products` alone (method ``"products"``) and
-    of each GEMM's rate (flop/s) in ``dtype``, alternating per repetition."""
+    """Times of every ``(method, task)``, the step's `Products` alone (method ``"products"``) and each
+    GEMM's rate (flop/s) in ``dtype``, alternating per repetition."""
     gemm = MatmulRate(device, dtype)
-    alone = Products(x)
+    alone = Products(x, device)
     jobs: dict[tuple[str, str], Callable[[], None]] = {
         (m, t): (lambda m=m, t=t: step(m, x, t)) for t in tasks for m in methods
     }
-    jobs.update({("products", t): (lambda t=t: alone.step(t)) for t in tasks})
-    for job in jobs.values():  # warm-up: compilation, first-touch of pages, library buffers
+    for job in [*jobs.values(), *alone.jobs.values()]:  # warm-up: compilation, first-touch of pages, library buffers
         job()
     gemm.rates(device)
     times: dict[tuple[str, str], list[float]] = {k: [] for k in jobs}
+    product_times: dict[tuple[str, str], list[float]] = {k: [] for k in alone.jobs}
     rates: dict[str, list[float]] = {name: [] for name in gemm.gemms}
     for _ in range(reps):
         for name, r in gemm.rates(device).items():
             rates[name].append(r)
         for key, job in jobs.items():
             times[key].append(timed(job, device))
+        for key, product in alone.jobs.items():
+            product_times[key].append(timed(product, device))
     x.zero_grad()
+    for t in tasks:
+        times[("products", t)] = [alone.seconds(t, product_times)]
     return times, rates
 
 

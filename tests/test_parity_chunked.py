@@ -40,6 +40,10 @@ def small_single_pass(monkeypatch, rows: int, cols: int) -> None:
     monkeypatch.setattr(chunked, "SINGLE_PASS_TILE_ELEMS", rows * cols)
 
 
+# Whether this torch has what bf16 products need: oneDNN's fp32 precision modes (2.9+) and its linear.
+BF16_MODES = products._matmul_precision() is not None and products._ONEDNN_LINEAR is not None
+
+
 class CountSinglePass:
     """Counts the one-pass path's calls (by rows or by tiles, monkeypatched over `chunked._single_pass_rows`
     and `chunked._single_pass`); a call of the other path fails."""
@@ -317,10 +321,11 @@ def test_bias_masking_whole_tiles(dtype):
 @pytest.mark.parametrize("blocks", ["one", "several"])
 def test_weight_gradient_of_16_bit_weights(monkeypatch, dtype, bf16_products, keep_ratio, reduction, blocks):
     """16-bit weights: when one block of rows holds every kept row (its buffers no larger than an
-    fp32 d W), d W is written once in the weight's dtype, each tile scaled and rounded once; over
-    several blocks it is summed in fp32. With bf16 products that one write is a product of bf16
-    operands. Plain CE then takes two passes rather than the one pass, which holds the head and d W
-    in fp32. All as near the fp64 truth as PyTorch."""
+    fp32 d W, or two where plain CE's one pass is the other choice), d W is written once in the
+    weight's dtype, each tile scaled and rounded once; over several blocks it is summed in fp32.
+    With bf16 products that one write is a product of bf16 operands. Plain CE then takes two passes
+    rather than the one pass, which holds the head and d W in fp32. All as near the fp64 truth as
+    PyTorch."""
     monkeypatch.setattr(products, "BF16_PRODUCTS", bf16_products)
     direct: list[tuple[bool, bool]] = []
     result = chunked._Grads.result
@@ -338,9 +343,32 @@ def test_weight_gradient_of_16_bit_weights(monkeypatch, dtype, bf16_products, ke
     assert_parity(case, "chunked", dtype, keep_ratio=keep_ratio, reduction=reduction)
     one_pass = keep_ratio == 1.0 and blocks == "several"
     assert count.calls == one_pass
-    bf16_units = products.bf16_available(case.hidden.to(dtype), case.weight.to(dtype))
-    bf16_dw = blocks == "one" and bool(bf16_products) and bf16_units
+    bf16_dw = blocks == "one" and bf16_products is True and BF16_MODES
     assert direct == ([] if one_pass else [(blocks == "one", bf16_dw)])
+
+
+@pytest.mark.parametrize("bf16_products", [False, True])
+def test_one_pass_by_tiles_of_bf16_weights(monkeypatch, bf16_products):
+    """bf16 plain CE where the backward would not take one block (33 rows, V = 97) and a softcap sends
+    the one pass by tiles, here in one block of rows: it writes d W once, in bf16, by a bf16 product
+    where bf16 products run."""
+    monkeypatch.setattr(products, "BF16_PRODUCTS", bf16_products)
+    monkeypatch.setattr(workers, "threads_for", lambda device: 2)
+    direct: list[tuple[bool, bool]] = []
+    result = chunked._Grads.result
+
+    def spy(self):
+        direct.append((self.direct_dw, self.h_bf16 is not None))
+        return result(self)
+
+    monkeypatch.setattr(chunked._Grads, "result", spy)
+    small_single_pass(monkeypatch, rows=33, cols=16)
+    monkeypatch.setattr(chunked, "SINGLE_PASS_BUDGET_OF_LOGITS", 4.0)  # the partial sums of d hidden too
+    count = CountSinglePass(monkeypatch, path="tiles")
+    case = make_case((3, 11), 24, 97, seed=17, bias=True, softcap=4.0)
+    assert_parity(case, "chunked", torch.bfloat16, keep_ratio=1.0, reduction="mean", softcap=4.0)
+    assert count.calls == 1
+    assert direct == [(True, bf16_products and BF16_MODES)]
 
 
 @pytest.mark.parametrize(

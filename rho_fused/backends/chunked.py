@@ -83,8 +83,9 @@ SINGLE_PASS_TILE_ELEMS = 2**19
 # and writes d W once in the weight's dtype, while that block's buffers are at most this fraction of
 # an fp32 d W, which several blocks would sum into.
 ONE_BLOCK_OF_DW = 1.0
-# For plain cross-entropy, whose alternative is the one pass holding the head and d W in the compute
-# dtype: two fp32 d W's.
+# The same for plain cross-entropy where its one pass would run instead (`_one_pass_fits`): that pass
+# holds d W in the compute dtype and its blocks' logits (by rows, the head in the compute dtype too),
+# about two fp32 d W's or more.
 ONE_BLOCK_OF_DW_PLAIN = 2.0
 # d hidden is summed over the vocabulary's tiles in this many fixed groups of tiles, one partial sum
 # each, added in order at the end: the groups are the backward's work items, and the sum does not
@@ -137,20 +138,20 @@ def backward_tile(p: LossProblem, n_rows: int, row_buffers: int = 2 + DH_GROUPS,
     d hidden^T; one fewer when the rows live in d hidden's storage) and, per worker, ``k R C``
     (the tile; k = 2 with a bias or softcap) ``+ R D`` (its product into d hidden) ``+ 2 C D``
     (d W_c, and the operand copied for d hidden; for a 16-bit weight, ``W_c`` in the compute dtype
-    and the product ``d W_c`` before its rounding). The ``[R, D]`` buffers take at most two thirds
-    of it; the columns fill the rest.
+    and the product ``d W_c`` before its rounding, or ``d z`` in bf16). The ``[R, D]`` buffers take
+    at most two thirds of it; the columns fill the rest.
 
     With a weight narrower than the compute dtype (bf16, fp16), every row goes in one block when that
     block's buffers take no more than ``ONE_BLOCK_OF_DW`` of the wider ``d W`` that several blocks
-    would sum into (``ONE_BLOCK_OF_DW_PLAIN`` for plain cross-entropy): ``d W`` is then written once,
-    in the weight's dtype (`_Grads`).
+    would sum into (``ONE_BLOCK_OF_DW_PLAIN`` where plain cross-entropy's one pass is the other
+    choice): ``d W`` is then written once, in the weight's dtype (`_Grads`).
     """
     n_vocab, dim = p.weight.shape[0], max(1, p.weight.shape[1])  # D = 0: logits are the bias alone
     elems = max(1, BACKWARD_BUDGET_BYTES // p.compute_dtype.itemsize, int(n_vocab * dim * BACKWARD_BUDGET_OF_DW))
     tiles = 1 if p.bias is None and p.softcap is None else 2
     buffers = row_buffers + threads
     one_block = -(-3 * buffers * n_rows * dim // 2)
-    allowance = ONE_BLOCK_OF_DW_PLAIN if _plain(p) else ONE_BLOCK_OF_DW
+    allowance = ONE_BLOCK_OF_DW_PLAIN if _plain(p) and _one_pass_fits(p) else ONE_BLOCK_OF_DW
     if p.weight.dtype.itemsize < p.compute_dtype.itemsize and one_block <= allowance * n_vocab * dim:
         elems = max(elems, one_block)
     rows = _even(n_rows, 2 * elems // (3 * buffers * dim))
@@ -185,6 +186,12 @@ def single_pass_tile(p: LossProblem, n_rows: int) -> tuple[int, int]:
     size = p.compute_dtype.itemsize
     rows = _even(n_rows, _single_pass_budget(p, n_rows) // (size * max(1, n_vocab + (DH_GROUPS + 1) * dim)))
     return rows, _cols(n_vocab, SINGLE_PASS_TILE_ELEMS // max(rows, 1))
+
+
+def _one_pass_fits(p: LossProblem) -> bool:
+    """Whether blocks of plain cross-entropy's one pass have ``MIN_SINGLE_PASS_ROWS`` rows, or all of them."""
+    n = p.targets.shape[0]
+    return single_pass_tile(p, n)[0] >= min(n, MIN_SINGLE_PASS_ROWS)
 
 
 def _bias(p: LossProblem) -> Tensor | None:
@@ -365,9 +372,9 @@ class _Grads:
         self.bf16_dw = products.bf16_available(p.hidden, w)
         self.h_bf16: Tensor | None = None
 
-    def start_rows(self, h: Tensor, scale: Tensor, n_groups: int, last: bool) -> None:
-        """A block of rows ``h`` begins (``last``: no other follows); ``scale``: the common ``g`` ([1]),
-        or ones when the tile holds ``g``."""
+    def start_rows(self, h: Tensor, h_input: Tensor, scale: Tensor, n_groups: int, last: bool) -> None:
+        """A block of rows ``h`` (in the compute dtype; ``h_input``: as given) begins (``last``: no other
+        follows); ``scale``: the common ``g`` ([1]), or ones when the tile holds ``g``."""
         self.h, self.scale = h, scale
         self.dh_t = h.new_zeros(n_groups, h.shape[1], h.shape[0]) if self.dh is not None else None
         if self.first_block and self.needs_dw:
@@ -376,7 +383,7 @@ class _Grads:
             dtype = self.w.dtype if self.direct_dw else self.p.compute_dtype
             self.dw = torch.empty(self.w.shape, dtype=dtype, device=self.w.device)
             if self.direct_dw and self.bf16_dw:
-                self.h_bf16 = h.to(torch.bfloat16)  # exact: the rows were bf16
+                self.h_bf16 = h_input
 
     def _direct_dw(self, dz_t: Tensor, cols: slice) -> None:
         """``d W_c = g d z^T h``, written once in the weight's dtype."""
@@ -491,15 +498,15 @@ def _backward(
     threads = workers.threads_for(p.hidden.device)
     dh_can_hold_rows = grads.dh is not None and grads.dh.dtype == dtype
     step, width, grads.rows_in_dh = _backward_plan(p, n_kept, threads, dh_can_hold_rows)
-    for pos, h, t in _row_blocks(p, kept_idx, False, step, out=grads.dh if grads.rows_in_dh else None):
-        h = h.to(dtype)
+    for pos, h_input, t in _row_blocks(p, kept_idx, False, step, out=grads.dh if grads.rows_in_dh else None):
+        h = h_input.to(dtype)
         rows = kept_idx[pos]
         neg_m, s_rows = -m[rows], s[rows]
         g_rows = g if common else g[pos]
         a_rows = None if a is None else a[pos]
         tiles = _col_blocks(t, w.shape[0], width)
         groups = _groups(len(tiles))
-        grads.start_rows(h, scale, len(groups), pos.stop == n_kept)
+        grads.start_rows(h, h_input, scale, len(groups), pos.stop == n_kept)
 
         def item(j: int, h=h, neg_m=neg_m, s_rows=s_rows, g_rows=g_rows, a_rows=a_rows, tiles=tiles, groups=groups):
             for k in groups[j]:
@@ -535,8 +542,8 @@ def _single_pass(p: LossProblem, g: Tensor, grads: _Grads) -> tuple[Tensor, Tens
     idx, contiguous = _valid_rows(p)
     threads = workers.threads_for(p.hidden.device)
     step, width = single_pass_tile(p, idx.shape[0])
-    for pos, h, t in _row_blocks(p, idx, contiguous, step):
-        h = h.to(dtype)
+    for pos, h_input, t in _row_blocks(p, idx, contiguous, step):
+        h = h_input.to(dtype)
         tiles = _col_blocks(t, n_vocab, width)
         stats = _Stats(p, len(tiles), h.shape[0], h.device)
         logits: list[Tensor | None] = [None] * len(tiles)
@@ -558,7 +565,7 @@ def _single_pass(p: LossProblem, g: Tensor, grads: _Grads) -> tuple[Tensor, Tens
         g_rows, a_rows = _coefficients(p, g, lse[rows])
         common = a_rows is None
         groups = _groups(len(tiles))
-        grads.start_rows(h, g if common else g.new_ones(1), len(groups), pos.stop == idx.shape[0])
+        grads.start_rows(h, h_input, g if common else g.new_ones(1), len(groups), pos.stop == idx.shape[0])
         neg_m = -m_rows
 
         def second(j: int, tiles=tiles, logits=logits, groups=groups, neg_m=neg_m, s_rows=s_rows, g_rows=g_rows,
@@ -713,8 +720,7 @@ def loss_forward(p: LossProblem) -> tuple[Tensor, ...]:
 def single_pass_applies(p: LossProblem) -> bool:
     """Whether the gradients may be formed in the forward (`_plain`), and that pays: a block of rows
     has ``MIN_SINGLE_PASS_ROWS``, and with 16-bit weights, the backward would not take one block."""
-    n = p.targets.shape[0]
-    fits = single_pass_tile(p, n)[0] >= min(n, MIN_SINGLE_PASS_ROWS)
+    fits = _one_pass_fits(p)
     # With a weight narrower than the compute dtype (bf16), the one pass holds the head and d W in
     # the compute dtype; two passes whose backward takes every valid row in one block hold neither.
     if fits and p.weight.dtype.itemsize < p.compute_dtype.itemsize:

@@ -5,7 +5,8 @@
 - `in_place`: whether ``d W`` and ``d hidden`` accumulate with ``addmm_`` (MKL) rather than through
   oneDNN's product then an add: measured once per process and precision mode, on this CPU.
 - `bf16_products`: bf16 inputs' products in bf16 on a CPU with bf16 units (AMX, AVX512-BF16),
-  accumulated and returned in fp32.
+  accumulated and returned in fp32. `bf16_available` also tells the chunked backend where a
+  product of bf16 operands with a bf16 result (``d W`` written once) runs at the bf16 rate.
 """
 
 from __future__ import annotations
@@ -94,7 +95,9 @@ def _bf16_units() -> bool:
 
 def bf16_available(hidden: Tensor, weight: Tensor) -> bool:
     """Whether `bf16_products` runs products in bf16 for these inputs: both bf16, on a CPU with bf16
-    units (or as `BF16_PRODUCTS` says), with a torch that has oneDNN's fp32 precision modes (2.9+)."""
+    units (or as `BF16_PRODUCTS` says), with a torch that has oneDNN's fp32 precision modes (2.9+)
+    and oneDNN's linear. A plain bf16 ``torch.mm`` needs neither; the chunked backend uses bf16
+    products only where the modes run too."""
     if hidden.device.type != "cpu" or not hidden.dtype == weight.dtype == torch.bfloat16:
         return False
     if _matmul_precision() is None or _ONEDNN_LINEAR is None:
