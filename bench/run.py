@@ -1,6 +1,6 @@
 """Time and peak memory of the SLM loss (and of plain CE) against the peers, in one run.
 
-    python bench/run.py            # the full grid (about 20 minutes on 2 CPU cores)
+    python bench/run.py            # the full grid (19 minutes on 2 CPU cores at 32bfd1e, before the products alone)
     python bench/run.py --quick    # two small shapes, memory of SLM only: under 2 minutes
 
 For each shape: forward+backward of SLM (keep 0.6) and of plain cross-entropy for every method
@@ -195,6 +195,7 @@ def write_outputs(rows: list[report.Row], out: Path, stem: str, command: str, cs
         + (f", timed beside {r0.busy} busy processes (one spinning core each)." if r0.busy else "."),
         f"Medians of {r0.reps} alternating repetitions after a warm-up. Floor: matmul flops"
         " ((2 + 6r) N D V for SLM, 6 N D V for plain CE) over the matmul rate in that dtype measured in the same run."
+        " Products alone: those products as whole-size GEMMs, each by the fastest GEMM tried, in the same alternation."
         " Memory: peak growth of one forward+backward in a fresh process, gradients included,"
         " measured on the step after a first one at the same shape.",
         "",
