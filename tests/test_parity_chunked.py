@@ -314,6 +314,19 @@ def test_bias_masking_whole_tiles(dtype):
         torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5)
 
 
+def spy_direct_dw(monkeypatch) -> list[tuple[bool, bool]]:
+    """Per backward (`_Grads`), whether d W was written once in the weight's dtype, and by a bf16 product."""
+    direct: list[tuple[bool, bool]] = []
+    result = chunked._Grads.result
+
+    def spy(self):
+        direct.append((self.direct_dw, self.h_bf16 is not None))
+        return result(self)
+
+    monkeypatch.setattr(chunked._Grads, "result", spy)
+    return direct
+
+
 @pytest.mark.parametrize(
     "dtype,bf16_products", [(torch.bfloat16, False), (torch.bfloat16, True), (torch.float16, None)], ids=str
 )
@@ -327,14 +340,7 @@ def test_weight_gradient_of_16_bit_weights(monkeypatch, dtype, bf16_products, ke
     rather than the one pass, which holds the head and d W in fp32. All as near the fp64 truth as
     PyTorch."""
     monkeypatch.setattr(products, "BF16_PRODUCTS", bf16_products)
-    direct: list[tuple[bool, bool]] = []
-    result = chunked._Grads.result
-
-    def spy(self):
-        direct.append((self.direct_dw, self.h_bf16 is not None))
-        return result(self)
-
-    monkeypatch.setattr(chunked._Grads, "result", spy)
+    direct = spy_direct_dw(monkeypatch)
     monkeypatch.setattr(workers, "threads_for", lambda device: 2)
     count = CountSinglePass(monkeypatch)
     # 20 to 33 kept rows, 2 workers: one block needs 3 * 12 * rows * 24 / 2 elements, under 1000 * 24, over 97 * 24
@@ -354,14 +360,7 @@ def test_one_pass_by_tiles_of_bf16_weights(monkeypatch, bf16_products):
     where bf16 products run."""
     monkeypatch.setattr(products, "BF16_PRODUCTS", bf16_products)
     monkeypatch.setattr(workers, "threads_for", lambda device: 2)
-    direct: list[tuple[bool, bool]] = []
-    result = chunked._Grads.result
-
-    def spy(self):
-        direct.append((self.direct_dw, self.h_bf16 is not None))
-        return result(self)
-
-    monkeypatch.setattr(chunked._Grads, "result", spy)
+    direct = spy_direct_dw(monkeypatch)
     small_single_pass(monkeypatch, rows=33, cols=16)
     monkeypatch.setattr(chunked, "SINGLE_PASS_BUDGET_OF_LOGITS", 4.0)  # the partial sums of d hidden too
     count = CountSinglePass(monkeypatch, path="tiles")
