@@ -56,12 +56,24 @@ def flop_floor(n: int, d: int, v: int, keep_ratio: float, task: str) -> float:
     return (2 + 6 * keep_ratio) * n * d * v if task == "slm" else 6.0 * n * d * v
 
 
+def _gemm_dtypes(dtype: torch.dtype) -> Iterator[tuple[torch.dtype, str]]:
+    """``(dtype, "")``, and for a 16-bit ``dtype`` also ``(fp32, "_fp32")``: a CPU without bf16 units
+    emulates bf16 more slowly than fp32, so a floor tries both."""
+    for dt in dict.fromkeys((dtype, torch.float32)):
+        yield dt, "" if dt == dtype else "_fp32"
+
+
+def _onednn_linear(device: str) -> Callable[..., torch.Tensor] | None:
+    """oneDNN's ``x @ w.T`` on CPU, None elsewhere."""
+    return torch.ops.mkldnn._linear_pointwise if device == "cpu" and torch.backends.mkldnn.is_available() else None
+
+
 class MatmulRate:
     """The machine's GEMM rate in ``dtype``: a 2048 x 2048 x 2048 product by each GEMM torch offers.
 
     ``torch.mm`` (MKL or oneDNN on CPU, into a preallocated output) and, on CPU, oneDNN's linear;
-    for a 16-bit ``dtype`` the same in fp32 too (a CPU without bf16 units emulates bf16 more slowly
-    than fp32). The floor uses the fastest, so that it flatters no method.
+    for a 16-bit ``dtype`` the same in fp32 too (`_gemm_dtypes`). The floor uses the fastest, so
+    that it flatters no method.
     """
 
     SIZE = 2048
@@ -70,11 +82,9 @@ class MatmulRate:
         g = torch.Generator(device="cpu").manual_seed(1)
         self.flops = 2.0 * self.SIZE**3
         self.gemms: dict[str, Callable[[], object]] = {}
-        onednn = device == "cpu" and torch.backends.mkldnn.is_available()
-        linear = torch.ops.mkldnn._linear_pointwise if onednn else None
-        for dt in dict.fromkeys((dtype, torch.float32)):
+        linear = _onednn_linear(device)
+        for dt, suffix in _gemm_dtypes(dtype):
             a, b = (torch.randn(self.SIZE, self.SIZE, generator=g).to(device, dt) for _ in range(2))
-            suffix = "" if dt == dtype else "_fp32"
             out = torch.empty_like(a)
             self.gemms["mm" + suffix] = lambda a=a, b=b, out=out: torch.mm(a, b.T, out=out)
             if linear is not None:
@@ -100,14 +110,12 @@ class Products:
     def __init__(self, x: Inputs, device: str) -> None:
         self.n = n = x.hidden.shape[0]
         self.kept = math.ceil(x.keep_ratio * n)
-        onednn = device == "cpu" and torch.backends.mkldnn.is_available()
-        linear = torch.ops.mkldnn._linear_pointwise if onednn else None
+        linear = _onednn_linear(device)
         self.jobs: dict[tuple[str, str], Callable[[], object]] = {}  # (product, GEMM) -> one call
-        for dt in dict.fromkeys((x.hidden.dtype, torch.float32)):
+        for dt, suffix in _gemm_dtypes(x.hidden.dtype):
             h, w = x.hidden.detach().to(dt), x.weight.detach().to(dt)
             z = torch.randn(n, w.shape[0], device=h.device, dtype=dt)
             dh, dw = torch.empty_like(h), torch.empty_like(w)
-            suffix = "" if dt == x.hidden.dtype else "_fp32"
             for r in dict.fromkeys((n, self.kept)):
                 hr, zr = h[:r], z[:r]
                 self.jobs.update({

@@ -139,13 +139,10 @@ def main() -> None:
         busy = f", {args.busy} busy processes beside it" if args.busy else ""
         print(f"N={n} D={d} V={v}: load {load:.1f}{busy}, {args.dtype} GEMM GFLOP/s {gflops}", flush=True)
         for task in args.tasks:
-            alone = measure.median(times[("products", task)])
-            floor = measure.flop_floor(n, d, v, args.keep, task) / rate
-            print(f"  {task:3s} products alone {alone:8.3f} s  x floor {alone / floor:5.2f}", flush=True)
-        for task in args.tasks:
             floor = measure.flop_floor(n, d, v, args.keep, task) / rate
             naive_t = measure.median(times[("naive", task)]) if "naive" in methods else math.nan
             products_t = measure.median(times[("products", task)])
+            print(f"  {task:3s} products alone {products_t:8.3f} s  x floor {products_t / floor:5.2f}", flush=True)
             grads = (n * d + v * d) * dtype.itemsize / 2**20
             mems = {
                 m: (

@@ -369,8 +369,7 @@ class _Grads:
         self.db = torch.zeros(w.shape[0], dtype=dtype, device=w.device) if needs[2] else None
         self.first_block = True
         self.in_place = products.in_place(w.device, dtype)
-        self.bf16_dw = products.bf16_available(p.hidden, w)
-        self.h_bf16: Tensor | None = None
+        self.h_bf16: Tensor | None = None  # the rows, where d W_c is one bf16 product
 
     def start_rows(self, h: Tensor, h_input: Tensor, scale: Tensor, n_groups: int, last: bool) -> None:
         """A block of rows ``h`` (in the compute dtype; ``h_input``: as given) begins (``last``: no other
@@ -382,7 +381,7 @@ class _Grads:
             self.direct_dw = last and self.w.dtype != self.p.compute_dtype
             dtype = self.w.dtype if self.direct_dw else self.p.compute_dtype
             self.dw = torch.empty(self.w.shape, dtype=dtype, device=self.w.device)
-            if self.direct_dw and self.bf16_dw:
+            if self.direct_dw and products.bf16_available(self.p.hidden, self.w):
                 self.h_bf16 = h_input
 
     def _direct_dw(self, dz_t: Tensor, cols: slice) -> None:
